@@ -1,0 +1,13 @@
+"""Defenses: one module per defense; each builds a `harness.classifier.Classifier`.
+
+Importing this package registers every defense in `defenses.base.REGISTRY`.
+"""
+from defenses.base import REGISTRY, BuildContext, Defense, build_defense, register  # noqa: F401
+from defenses import standard, checkpoint  # noqa: F401  (registration side effect)
+
+for _optional in ("gradreg", "pgd_at", "advms", "ensembles"):
+    try:  # modules land issue by issue; a missing one must not break the others
+        __import__(f"defenses.{_optional}")
+    except ModuleNotFoundError as exc:  # pragma: no cover
+        if exc.name != f"defenses.{_optional}":
+            raise

@@ -1,0 +1,129 @@
+"""`pgd_at`: PGD adversarial training (Madry et al. 2018), the reference robust baseline; TRADES
+(Zhang et al. 2019) as `method: trades`.
+
+Madry: minimise CE(f(x'), y) where x' is a k-step PGD example (random start, sign steps for
+Linf, normalised steps for L2) inside the training ball. TRADES: minimise
+CE(f(x), y) + beta * KL(f(x) || f(x')) with x' maximising the KL term (reference: beta = 6).
+The inner attack runs in eval mode (see `defenses.adv_examples`); the training forward passes
+run in train mode. `step_size` is relative to eps, like the `pgd` attack's.
+
+Also home of the small helpers every adversarially trained defense here shares: the AT loss
+factory, seeded model initialisation and the training-cost accounting that adds the inner
+attack's input-gradient passes to the backward count.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from defenses.adv_examples import pgd_examples, trades_examples
+from defenses.base import BuildContext, Defense, register
+from defenses.standard import train_defended
+from harness.classifier import Classifier
+from harness.errors import UserError
+from harness.models import build_model
+from harness.threat import ThreatModel
+from harness.training import LossFn, TrainConfig
+
+METHODS = ("madry", "trades")
+
+
+def at_loss(threat: ThreatModel, *, steps: int, step_size: float, random_start: bool = True,
+            method: str = "madry", beta: float = 6.0) -> LossFn:
+    """The training loss of Madry PGD-AT or TRADES, as a `harness.training.LossFn`."""
+
+    def madry(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epoch: int) -> torch.Tensor:
+        x_adv = pgd_examples(model, x, y, threat, steps=steps, step_size=step_size, random_start=random_start)
+        return F.cross_entropy(model(x_adv), y)
+
+    def trades(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epoch: int) -> torch.Tensor:
+        x_adv = trades_examples(model, x, threat, steps=steps, step_size=step_size)
+        logits = model(x)
+        robust = F.kl_div(F.log_softmax(model(x_adv), dim=1), F.softmax(logits, dim=1), reduction="batchmean")
+        return F.cross_entropy(logits, y) + beta * robust
+
+    return madry if method == "madry" else trades
+
+
+def seeded_model(ctx: BuildContext, seed: int) -> nn.Module:
+    """The configured architecture, initialised from `seed` without touching the global RNG state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_model(ctx.model_cfg, ctx.data.num_classes, ctx.data.input_shape)
+
+
+def add_input_gradient_passes(facts: dict[str, Any], per_image_per_epoch: int, extra_param_backward: int = 0) -> dict[str, Any]:
+    """Count the inner attack's backward passes, which `harness.training.train` does not see.
+
+    `train` counts every forward image-pass (the PGD steps go through its counted model) but only
+    one parameter-backward pass per training image. Here `backward_passes` becomes the total:
+    parameter backward passes (`param_backward_passes`, plus `extra_param_backward` per image and
+    epoch when the loss back-propagates through several forwards, as TRADES does) and
+    `input_grad_passes` (k per image and epoch for k-step PGD). Deterministic, so a cache hit
+    reports the same cost as the training run that produced the checkpoint.
+    """
+    train = dict(facts.get("train", {}))
+    epochs = int(train.get("epochs", 0))
+    n = int(train.get("backward_passes", 0)) // epochs if epochs else 0  # training images per epoch
+    param = int(train.get("backward_passes", 0)) + extra_param_backward * n * epochs
+    inputs = per_image_per_epoch * n * epochs
+    train.update(param_backward_passes=param, input_grad_passes=inputs, backward_passes=param + inputs)
+    return {**facts, "train": train}
+
+
+def check_at_params(name: str, eps: float, norm: str, steps: int, step_size: float) -> ThreatModel:
+    """Validate the inner attack's knobs; return the training threat model."""
+    if steps < 0:
+        raise UserError(f"defense {name!r}: steps={steps} must be >= 0 (0 = no inner attack)")
+    if not step_size > 0:
+        raise UserError(f"defense {name!r}: step_size={step_size} must be > 0 (a fraction of eps, e.g. 0.25)")
+    try:
+        return ThreatModel(norm=norm, eps=float(eps))
+    except UserError as exc:
+        raise UserError(f"defense {name!r} training ball: {exc}") from None
+
+
+@register("pgd_at")
+class PGDAT(Defense):
+    """PGD adversarial training (Madry) or TRADES.
+
+    Args:
+        eps: training radius (pixel scale, [0, 1] images).
+        norm: Linf | L2.
+        steps: inner PGD steps k.
+        step_size: inner step as a fraction of eps (Madry MNIST: 0.01 / 0.3 = 1/30 with k = 40).
+        random_start: Madry's uniform random start (TRADES always starts at x + 0.001 N(0, I)).
+        method: madry | trades.
+        beta: TRADES' robustness weight (ignored by madry).
+        train: TrainConfig fields.
+    """
+
+    def __init__(self, eps: float = 0.3, norm: str = "Linf", steps: int = 10, step_size: float = 0.25,
+                 random_start: bool = True, method: str = "madry", beta: float = 6.0,
+                 train: dict[str, Any] | None = None) -> None:
+        if method not in METHODS:
+            raise UserError(f"defense 'pgd_at': method={method!r} unknown; use one of: {', '.join(METHODS)}")
+        self.eps = float(eps)
+        self.norm = norm
+        self.steps = int(steps)
+        self.step_size = float(step_size)
+        self.random_start = bool(random_start)
+        self.method = method
+        self.beta = float(beta)
+        self.train = dict(train or {})
+        self._threat = check_at_params("pgd_at", self.eps, norm, self.steps, self.step_size)
+        self._train_cfg = TrainConfig.from_dict(self.train)
+
+    def build(self, ctx: BuildContext) -> Classifier:
+        loss = at_loss(self._threat, steps=self.steps, step_size=self.step_size, random_start=self.random_start,
+                       method=self.method, beta=self.beta)
+        module, facts = train_defended(ctx, self, loss_fn=loss, train_cfg=self._train_cfg,
+                                       module=seeded_model(ctx, ctx.seed))
+        facts = add_input_gradient_passes(facts, self.steps, extra_param_backward=1 if self.method == "trades" else 0)
+        facts["adversarial_training"] = {"method": self.method, "eps": self.eps, "norm": self.norm,
+                                         "steps": self.steps, "step_size": self.step_size,
+                                         "mode": "inner attack in eval mode, training forward in train mode"}
+        return Classifier(module, ctx.data.num_classes, ctx.data.input_shape, info=facts)

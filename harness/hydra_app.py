@@ -1,0 +1,135 @@
+"""Running a Hydra app from the `arena` CLI with one-line errors for bad overrides.
+
+Hydra's own messages for an unknown group option or key are multi-line and exit with status 1;
+here every override is checked first (parse, group options, composition) and a problem becomes a
+`UserError`: one line naming the value and the valid choices, exit status 2, nothing written.
+Everything else (`--help`, `--cfg job`, `-m` sweeps, launchers) is plain Hydra.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+from harness.errors import UserError
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+HYDRA_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                          "--config-dir", "-cd", "--experimental-rerun", "--info", "-i"}
+
+
+def group_options(group: str) -> list[str]:
+    """Options of a config group (YAML files under conf/<group>/), e.g. dataset -> [cifar10, ...]."""
+    root = CONF_DIR / group
+    return sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml")) if root.is_dir() else []
+
+
+def split_args(argv: list[str]) -> tuple[list[str], bool, bool]:
+    """(overrides, multirun?, hydra-introspection flag present?)"""
+    overrides, multirun, introspect, skip = [], False, False, False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if arg in ("-m", "--multirun"):
+            multirun = True
+        elif arg in HYDRA_FLAGS_WITH_VALUE:
+            introspect = True
+            skip = arg not in ("--info", "-i") or (i + 1 < len(argv) and not "=" in argv[i + 1] and not argv[i + 1].startswith("-"))
+        elif arg.startswith("-"):
+            introspect = True
+        else:
+            overrides.append(arg)
+    return overrides, multirun, introspect
+
+
+def _override_values(override: Any) -> list[Any]:
+    if override.is_sweep_override():
+        try:
+            return list(override.sweep_iterator())
+        except Exception:
+            return [override.get_value_element_as_str()]
+    return [override.value()]
+
+
+def validate_overrides(config_name: str, overrides: list[str]) -> None:
+    """Raise `UserError` for any override Hydra would reject, one line each."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException, OverrideParseException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise UserError(f"cannot parse the overrides {' '.join(overrides)!r}: {first}; write key=value (lists as a,b for -m)") from None
+    singles: list[str] = []
+    for ov in parsed:
+        key = ov.key_or_group
+        values = _override_values(ov)
+        if (CONF_DIR / key).is_dir() and ov.package is None:
+            valid = group_options(key)
+            for v in values:
+                if v is not None and str(v) != "null" and str(v) not in valid:
+                    raise UserError(f"unknown {key} {str(v)!r}; choose one of: {', '.join(valid)}")
+        singles.append(ov)
+    # compose once per swept value (others at their first value) to catch unknown keys and bad types
+    bases = [ov.input_line for ov in parsed if not ov.is_sweep_override()]
+    sweeps = [ov for ov in parsed if ov.is_sweep_override()]
+    combos = [bases + [f"{s.get_key_element()}={_fmt(_override_values(s)[0])}" for s in sweeps]]
+    for i, s in enumerate(sweeps):
+        for v in _override_values(s)[1:]:
+            combo = list(combos[0])
+            combo[len(bases) + i] = f"{s.get_key_element()}={_fmt(v)}"
+            combos.append(combo)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        for combo in combos:
+            try:
+                compose(config_name=config_name, overrides=combo)
+            except (HydraException, ValueError, KeyError) as exc:
+                msg = " ".join(str(exc).split())
+                raise UserError(f"bad override in {' '.join(combo)!r}: {msg[:300]}") from None
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_fmt(v) for v in value) + "]"
+    return "null" if value is None else str(value)
+
+
+def run_hydra_app(config_name: str, task: Callable[[DictConfig], Any], argv: list[str], prog: str) -> int:
+    """Validate `argv`, then run `task` under Hydra (`@hydra.main` semantics, incl. -m and --help)."""
+    import hydra
+
+    overrides, _, introspect = split_args(argv)
+    try:
+        if not introspect or "--cfg" in argv or "-c" in argv:
+            validate_overrides(config_name, overrides)
+    except UserError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+
+    def wrapped(cfg: DictConfig) -> Any:
+        try:
+            return task(cfg)
+        except UserError as exc:
+            print(f"{prog}: error: {exc}", file=sys.stderr)
+            sys.exit(2)
+
+    main = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)(wrapped)
+    saved = sys.argv
+    sys.argv = [prog] + list(argv)
+    try:
+        main()
+    except SystemExit as exc:
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 2
+    finally:
+        sys.argv = saved
+    return 0
+
+
+def to_plain(cfg: DictConfig) -> dict[str, Any]:
+    """Resolved plain-dict copy of a Hydra config."""
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]

@@ -1,0 +1,73 @@
+"""Accuracies and costs as pure functions of per-sample records.
+
+The run summary and the leaderboard both call these, so a leaderboard rebuilt from stored
+records always agrees with what the run printed.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+
+
+def per_sample_worst(samples: pd.DataFrame) -> pd.DataFrame:
+    """One row per sample: draws, clean correct draws and the fewest correct draws over attacks."""
+    ran = samples[samples["ran"]]
+    clean = ran[ran["attack"] == "clean"].set_index("sample_id")
+    worst = ran.groupby("sample_id")["correct_draws"].min()
+    out = pd.DataFrame({"draws": clean["draws"], "clean": clean["correct_draws"], "worst": worst.reindex(clean.index)})
+    return out.sort_index()
+
+
+def _three(correct: pd.Series, draws: pd.Series) -> dict[str, float]:
+    if len(correct) == 0:
+        return {"mean": float("nan"), "majority": float("nan"), "worst": float("nan")}
+    return {
+        "mean": float((correct / draws).mean()),
+        "majority": float((correct * 2 > draws).mean()),
+        "worst": float((correct == draws).mean()),
+    }
+
+
+def accuracies(samples: pd.DataFrame) -> dict[str, Any]:
+    """Clean and robust accuracy (mean / majority / worst over draws), per-attack cascade, costs.
+
+    `robust_acc` is the worst case over attacks per sample and, for randomised models, over draws
+    (robust only if every draw is right); deterministic models have one draw, so all three agree.
+    """
+    ps = per_sample_worst(samples)
+    clean, robust = _three(ps["clean"], ps["draws"]), _three(ps["worst"], ps["draws"])
+    order = samples[samples["attack"] != "clean"].groupby("attack")["order"].first().sort_values()
+    attacks: dict[str, Any] = {}
+    running = ps["clean"].copy()
+    for label in order.index:
+        rows = samples[samples["attack"] == label].set_index("sample_id")
+        ran = rows[rows["ran"]]
+        before_broken = running == 0
+        running = pd.concat([running, ran["correct_draws"].reindex(running.index).fillna(running)], axis=1).min(axis=1)
+        attacks[label] = {
+            "robust_acc_after": float((running == ps["draws"]).mean()),
+            "robust_acc_mean_after": float((running / ps["draws"]).mean()),
+            "attacked": int(len(ran)),
+            "broken": int(((running == 0) & ~before_broken).sum()),
+            "success_rate": float(ran["success"].mean()) if len(ran) else float("nan"),
+            "n_forward": float(ran["n_forward"].sum()),
+            "n_backward": float(ran["n_backward"].sum()),
+            "n_queries": int(ran["n_queries"].sum()),
+            "median_queries_success": float(ran.loc[ran["success"], "n_queries"].median()) if ran["success"].any() else float("nan"),
+            "time_s": float(ran["time_s"].sum()),
+            "violations": int(ran["violation"].sum()),
+        }
+    n = max(len(ps), 1)
+    total_fwd = sum(a["n_forward"] for a in attacks.values())
+    total_bwd = sum(a["n_backward"] for a in attacks.values())
+    return {
+        "clean_acc": clean["mean"], "clean_acc_majority": clean["majority"], "clean_acc_worst": clean["worst"],
+        "robust_acc": robust["worst"], "robust_acc_mean": robust["mean"], "robust_acc_majority": robust["majority"],
+        "attacks": attacks,
+        "forward_per_sample": total_fwd / n,
+        "backward_per_sample": total_bwd / n,
+        "queries_per_sample": sum(a["n_queries"] for a in attacks.values()) / n,
+        "attack_time_s": sum(a["time_s"] for a in attacks.values()),
+        "violations": sum(a["violations"] for a in attacks.values()),
+    }
