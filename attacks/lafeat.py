@@ -216,6 +216,32 @@ def _random_start(x: torch.Tensor, eps: float, norm: str, gen: torch.Generator) 
     return (x + eps * t).clamp(0.0, 1.0)
 
 
+def merge_stage_curves(curves: list[list[dict[str, Any]]], n_total: int | None = None) -> list[dict[str, Any]]:
+    """Sum per-batch stage curves (`AttackResult.extras["stages"]`) into one curve for the summary.
+
+    Each entry holds the samples still robust after that stage and the cumulative forward and
+    backward image-passes. A batch that stopped early (nothing left to attack) contributes its
+    last entry to the later stages. With `n_total` (all evaluated samples), adds robust accuracy.
+    """
+    labels: list[str] = []
+    for curve in curves:
+        for entry in curve:
+            if entry["stage"] not in labels:
+                labels.append(entry["stage"])
+    merged = []
+    for label in labels:
+        total = {"stage": label, "robust": 0, "forward": 0, "backward": 0}
+        for curve in curves:
+            entry = next((e for e in curve if e["stage"] == label), curve[-1] if curve else None)
+            if entry is not None:
+                for key in ("robust", "forward", "backward"):
+                    total[key] += int(entry[key])
+        if n_total:
+            total["robust_accuracy"] = total["robust"] / n_total
+        merged.append(total)
+    return merged
+
+
 @register("lafeat")
 class Lafeat(Attack):
     """LAFEAT with a trained feature head (see module docstring).

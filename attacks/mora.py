@@ -224,6 +224,11 @@ class MORA(Attack):
             fooled.index_copy_(0, idx, fooled.index_select(0, idx) | now)
             if last:
                 break
+            keep = None
+            if i % self.exit_every == 0:  # per-sample early exit: one host sync, before the gradient
+                keep = (~fooled.index_select(0, idx)).nonzero().squeeze(1)
+                if keep.numel() == 0:
+                    break
             obj = self._objective(z, y0, t0, s, mode, tau, sharp)
             grad = torch.autograd.grad((obj * (~now).to(obj.dtype)).sum(), xa)[0]
             with torch.no_grad():
@@ -240,13 +245,9 @@ class MORA(Attack):
                 x_new = torch.where(active, x_new, xd)  # fooled samples freeze until dropped
                 x_prev = torch.where(active, xd, x_prev)
                 xa = x_new
-            if (i + 1) % self.exit_every == 0:  # per-sample early exit: one host sync
-                keep = (~fooled.index_select(0, idx)).nonzero().squeeze(1)
-                if keep.numel() == 0:
-                    break
-                if keep.numel() < idx.numel():
-                    idx, xa, x_prev, x0, y0 = idx[keep], xa[keep], x_prev[keep], x0[keep], y0[keep]
-                    t0 = None if t0 is None else t0[keep]
+            if keep is not None and keep.numel() < idx.numel():  # drop the fooled samples
+                idx, xa, x_prev, x0, y0 = idx[keep], xa[keep], x_prev[keep], x0[keep], y0[keep]
+                t0 = None if t0 is None else t0[keep]
         return fooled, best
 
     def _targets(self, access: EnsembleAccess, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -39,6 +39,7 @@ from harness.oracle import OUTPUTS, QueryOracle, log_scores
 from harness.threat import ThreatModel
 
 FISHERS = ("rank1", "two_class", "kclass")
+LOSSES = ("hinge", "nll")
 
 
 # ------------------------------------------------------------------------------- small helpers
@@ -198,6 +199,7 @@ class ZOAttack(Attack):
             logp0[act] = log_scores(oracle(x_new, act), oracle.output)
             done[act] = logp0[act].argmax(1) != y[act]
 
+        oracle.affordable(cost)  # marks the samples whose budget cannot pay another step
         x_adv = (x_flat + delta).view_as(x).clamp(0.0, 1.0)
         stage = [self.name if flag else "" for flag in done.tolist()]
         return AttackResult(x_adv=x_adv, stage=stage, extras={"iterations": it})
@@ -222,8 +224,11 @@ class ZONGD(ZOAttack):
         output: str = "probs",
         kappa: float = 0.0,
         clip_queries: bool = False,
+        loss: str = "hinge",
     ) -> None:
         super().__init__(q, iterations, budget, output, kappa, clip_queries)
+        if loss not in LOSSES:
+            raise choices_error("zo_ngd loss", loss, LOSSES)
         if fisher not in FISHERS:
             raise choices_error("zo_ngd fisher", fisher, FISHERS)
         for key, val in (("mu", mu), ("eta", eta), ("lam", lam)):
@@ -233,6 +238,7 @@ class ZONGD(ZOAttack):
         self.eta = float(eta)
         self.lam = float(lam)
         self.fisher = fisher
+        self.loss = loss
 
     def probe_points(self, xa: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor:
         return xa.unsqueeze(1) + self.mu * dirs
@@ -254,7 +260,9 @@ class ZONGD(ZOAttack):
         return torch.stack([p0.sqrt().unsqueeze(1) * g_l, (1 - p0).clamp_min(0).sqrt().unsqueeze(1) * g_o], -1)
 
     def step(self, logp0, logp, dirs, y, state, act, threat):
-        f0 = hinge_loss(logp0, y, self.kappa)
-        fj = hinge_loss(logp, y, self.kappa)
+        if self.loss == "hinge":
+            f0, fj = hinge_loss(logp0, y, self.kappa), hinge_loss(logp, y, self.kappa)
+        else:  # "nll": minimise log p_y, the likelihood whose curvature the Fisher is
+            f0, fj = true_logp(logp0, y), true_logp(logp, y)
         g = zo_gradient(fj, f0, dirs, self.mu)
         return self.eta * damped_solve(self.fisher_factor(logp0, logp, dirs, y), g, self.lam)

@@ -425,3 +425,23 @@ def diversity_summary(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dic
         "entropy": float(entropy),
         "member_acc": float((z.argmax(-1) == y).float().mean()),
     }
+
+
+def cross_distilled_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, layer: int = 1, eps: float = 0.07,
+                             alpha: float = 0.007, steps: int = 10, seed: int = 0) -> float:
+    """DVERGE's diversity diagnostic: how often member j still predicts y_s on member k's distilled inputs (j != k).
+
+    Inputs are distilled (as in training) from x towards the features of a shuffled copy of x at
+    tap `layer` (1-based). Higher = the members share fewer non-robust features.
+    """
+    ens, _ = unwrap(model)
+    ens.eval()
+    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed)).to(x.device)
+    data = [distill(m, feature_taps(m)[layer - 1], x, x[perm], eps, alpha, steps) for m in ens.members]
+    hits = []
+    with torch.no_grad():
+        for j, member in enumerate(ens.members):
+            for k, xk in enumerate(data):
+                if j != k:
+                    hits.append((member(xk).argmax(1) == y).float().mean())
+    return float(torch.stack(hits).mean())

@@ -69,7 +69,9 @@ class EvalPlan:
 def resolve_device(name: str) -> torch.device:
     """`auto` picks CUDA when present; an explicit `cuda` without a GPU is a user error."""
     if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        from harness.launchers import auto_cuda_device  # several GPUs: job k of a sweep takes GPU k mod n
+
+        return torch.device(auto_cuda_device() if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -91,8 +93,13 @@ def semantic_part(cfg: dict[str, Any] | None) -> dict[str, Any]:
     return {k: _semantic_value(k, v) for k, v in (cfg or {}).items() if k not in ("download",)}
 
 
-def parse_shard(shard: Any, n: int) -> tuple[slice, str | None]:
-    """`i/n` -> the i-th of n contiguous, deterministic slices of the evaluation samples."""
+def parse_shard(shard: Any, n: int, batch_size: int = 1) -> tuple[slice, str | None]:
+    """`i/n` -> the i-th of n contiguous, deterministic slices of the evaluation samples.
+
+    Slices are cut at batch boundaries (whole batches of `batch_size`), so a shard's batches are
+    exactly the unsharded run's batches (same members, same per-batch seeds): merged shards equal
+    the unsharded run sample for sample, costs included.
+    """
     if shard in (None, "", "null"):
         return slice(0, n), None
     try:
@@ -101,7 +108,11 @@ def parse_shard(shard: Any, n: int) -> tuple[slice, str | None]:
         raise UserError(f"shard={shard!r} is not of the form i/n (e.g. shard=0/4)") from None
     if not (k >= 1 and 0 <= i < k):
         raise UserError(f"shard={shard!r} needs 0 <= i < n (e.g. shard=0/4 .. shard=3/4)")
-    lo, hi = (n * i) // k, (n * (i + 1)) // k
+    n_batches = -(-n // batch_size)
+    if k > n_batches:
+        raise UserError(f"shard={shard!r}: {n} samples make only {n_batches} batches of batch_size={batch_size}; "
+                        f"use at most {n_batches} shards or a smaller batch_size")
+    lo, hi = (n_batches * i) // k * batch_size, min(n, (n_batches * (i + 1)) // k * batch_size)
     return slice(lo, hi), f"{i}/{k}"
 
 
@@ -144,7 +155,8 @@ def plan_evaluation(cfg: dict[str, Any]) -> EvalPlan:
     build_defense(dict(cfg.get("defense") or {}))  # name and parameters checked before any data work
     data = load_dataset(dict(cfg.get("dataset") or {}))
     ids, x, y = select_eval(data, cfg.get("n_samples"), int(cfg.get("offset", 0) or 0))
-    sl, shard = parse_shard(cfg.get("shard"), ids.shape[0])
+    eval_ids, eval_data = tensor_hash(ids), tensor_hash(x)  # the whole evaluation set: all shards share it
+    sl, shard = parse_shard(cfg.get("shard"), ids.shape[0], batch_size)
     ids, x, y = ids[sl], x[sl], y[sl]
     ev = dict(cfg.get("evaluator") or {})
     draws = int(ev.get("draws", 10))
@@ -152,7 +164,7 @@ def plan_evaluation(cfg: dict[str, Any]) -> EvalPlan:
         raise UserError(f"evaluator.draws={draws} must be >= 1")
     cascade = bool(ev.get("cascade", True))
     semantic = {
-        "dataset": {**semantic_part(cfg.get("dataset")), "eval_ids": tensor_hash(ids), "eval_data": tensor_hash(x)},
+        "dataset": {**semantic_part(cfg.get("dataset")), "eval_ids": eval_ids, "eval_data": eval_data},
         "model": semantic_part(cfg.get("model")),
         "defense": semantic_part(cfg.get("defense")),
         "suite": suite_name,
@@ -165,7 +177,8 @@ def plan_evaluation(cfg: dict[str, Any]) -> EvalPlan:
     unsharded = {**semantic, "shard": None}
     run = RunDir.for_config(Path(str(cfg.get("work_dir", "arena-work"))), "runs", semantic)
     return EvalPlan(cfg, data, ids, x, y, threat, slots, suite_name, semantic, run, device, seed, batch_size,
-                    draws, cascade, extra={"unsharded_hash": stable_hash(unsharded), "shard": shard})
+                    draws, cascade, extra={"unsharded_hash": stable_hash(unsharded), "shard": shard,
+                                           "first_batch": sl.start // batch_size})
 
 
 def make_access(slot: AttackSlot, clf: Classifier, counter: PassCounter, batch_size: int, device: torch.device) -> Any:
@@ -287,8 +300,12 @@ def summarize(samples: pd.DataFrame, plan: EvalPlan, clf_info: dict[str, Any], p
     }
 
 
-def run_evaluation(cfg: dict[str, Any], overrides: list[str] | None = None, log=print) -> dict[str, Any]:
-    """Plan, build the defense, check the contract, run (or resume, or skip) and finish a run."""
+def run_evaluation(cfg: dict[str, Any], overrides: list[str] | None = None, log=print,
+                   manifest_extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Plan, build the defense, check the contract, run (or resume, or skip) and finish a run.
+
+    `manifest_extra` adds provenance fields (e.g. `submission: true` and the bundle's card).
+    """
     plan = plan_evaluation(cfg)
     run = plan.run
     if run.is_done():
@@ -298,6 +315,7 @@ def run_evaluation(cfg: dict[str, Any], overrides: list[str] | None = None, log=
     cache_dir = Path(str(cfg.get("work_dir", "arena-work"))) / "cache"
     progress = bool(cfg.get("progress", True))
     defense = build_defense(dict(cfg.get("defense") or {}))
+    torch.manual_seed(plan.seed)  # model initialisation inside build(): a rerun (resume) builds the same model
     clf = defense.build(BuildContext(data=plan.data, model_cfg=dict(cfg.get("model") or {}), device=plan.device,
                                      seed=plan.seed, cache_dir=cache_dir, progress=progress)).to(plan.device)
     check_classifier(clf, to_unit(plan.x[: min(8, plan.x.shape[0])], plan.device))
@@ -319,6 +337,7 @@ def run_evaluation(cfg: dict[str, Any], overrides: list[str] | None = None, log=
         "sample_ids_hash": tensor_hash(plan.ids),
         "attacks": {s.label: {"class": type(s.attack).__name__, "params": s.attack.describe(), "view": s.view} for s in plan.slots},
         **plan.extra,
+        **(manifest_extra or {}),
     }
     run.write_manifest(manifest)
     n = plan.x.shape[0]
@@ -329,7 +348,8 @@ def run_evaluation(cfg: dict[str, Any], overrides: list[str] | None = None, log=
             sl = slice(b * plan.batch_size, (b + 1) * plan.batch_size)
             records = run.read_batch(b)
             if records is None:
-                records = evaluate_batch(plan, clf, b, plan.ids[sl], plan.x[sl], plan.y[sl])
+                first = int(plan.extra.get("first_batch", 0))  # global batch index: a shard seeds as the whole run
+                records = evaluate_batch(plan, clf, first + b, plan.ids[sl], plan.x[sl], plan.y[sl])
                 run.write_batch(b, records)
             batches.append(records)
             bar.advance()

@@ -11,11 +11,14 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 
 from harness.errors import UserError
+from harness.launchers import check_launcher, register_resolvers
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+register_resolvers()  # ${arena_n_jobs:} in conf/launcher/joblib.yaml (also in joblib/submitit workers)
 HYDRA_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
                           "--config-dir", "-cd", "--experimental-rerun", "--info", "-i"}
 
@@ -74,6 +77,8 @@ def validate_overrides(config_name: str, overrides: list[str]) -> None:
             for v in values:
                 if v is not None and str(v) != "null" and str(v) not in valid:
                     raise UserError(f"unknown {key} {str(v)!r}; choose one of: {', '.join(valid)}")
+                if key == "launcher" and v is not None:
+                    check_launcher(str(v))
         singles.append(ov)
     # compose once per swept value (others at their first value) to catch unknown keys and bad types
     bases = [ov.input_line for ov in parsed if not ov.is_sweep_override()]
@@ -99,6 +104,38 @@ def _fmt(value: Any) -> str:
     return "null" if value is None else str(value)
 
 
+SWEEP_USER_ERRORS: list[str] = []
+
+
+class SweepJobError(CompactHydraException):
+    """A sweep job stopped on bad input (a `UserError`).
+
+    Sweeps continue past a failed job (every launcher: basic, joblib, submitit, Ray record the
+    job as failed and run the rest); Hydra then re-raises the first failure, printed as this one
+    line, and `arena` exits with status 2 (1 if only bugs failed). Re-running the same command
+    skips the finished jobs. Constructing the error (also when a launcher unpickles it from a
+    worker) records it, which is how the launching process knows a job failed on bad input.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        SWEEP_USER_ERRORS.append(message)
+
+
+def _multirun_job() -> str | None:
+    """`#num (overrides)` of the running job in a Hydra multirun, None in a single run."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+        if hc.mode != RunMode.MULTIRUN:
+            return None
+        return f"#{hc.job.num} ({' '.join(hc.overrides.task)})"
+    except Exception:
+        return None
+
+
 def run_hydra_app(config_name: str, task: Callable[[DictConfig], Any], argv: list[str], prog: str) -> int:
     """Validate `argv`, then run `task` under Hydra (`@hydra.main` semantics, incl. -m and --help)."""
     import hydra
@@ -115,16 +152,24 @@ def run_hydra_app(config_name: str, task: Callable[[DictConfig], Any], argv: lis
         try:
             return task(cfg)
         except UserError as exc:
-            print(f"{prog}: error: {exc}", file=sys.stderr)
-            sys.exit(2)
+            job = _multirun_job()
+            if job is None:
+                print(f"{prog}: error: {exc}", file=sys.stderr)
+                sys.exit(2)
+            # in a sweep: this job fails, the others go on (with every launcher); see SweepJobError
+            message = f"{prog}: error: job {job}: {exc}"
+            print(message, file=sys.stderr)
+            raise SweepJobError(message) from None
 
     main = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)(wrapped)
     saved = sys.argv
     sys.argv = [prog] + list(argv)
+    SWEEP_USER_ERRORS.clear()
     try:
         main()
     except SystemExit as exc:
-        return int(exc.code or 0) if not isinstance(exc.code, str) else 2
+        code = int(exc.code or 0) if not isinstance(exc.code, str) else 2
+        return 2 if code == 1 and SWEEP_USER_ERRORS else code
     finally:
         sys.argv = saved
     return 0

@@ -99,14 +99,16 @@ def _merge_shards(runs: list[tuple[RunDir, dict, dict, pd.DataFrame]]) -> list[t
         if not shard:
             out.append(entry)
         else:
-            groups.setdefault(entry[1]["unsharded_hash"], []).append(entry)
-    for key, entries in sorted(groups.items()):
-        total = int(str(entries[0][1]["shard"]).split("/")[1])
+            # keyed by shard count too: a 0/2 run never completes (or spoils) a 0/3, 1/3, 2/3 set
+            groups.setdefault((entry[1]["unsharded_hash"], int(str(shard).split("/")[1])), []).append(entry)
+    for (key, total), entries in sorted(groups.items()):
         if len({e[1]["shard"] for e in entries}) != total:
             continue  # incomplete: not on the board until every shard has finished
         entries.sort(key=lambda e: int(str(e[1]["shard"]).split("/")[0]))
         manifest = dict(entries[0][1])
         manifest["config"] = {**manifest["config"], "shard": None}
+        manifest["shard"] = None
+        manifest["overrides"] = [o for o in manifest.get("overrides") or [] if not str(o).startswith("shard=")]
         samples = pd.concat([e[3] for e in entries], ignore_index=True)
         summary = dict(entries[-1][2])
         summary["finished"] = max(e[2].get("finished", "") for e in entries)
@@ -163,8 +165,13 @@ def write_csv(df: pd.DataFrame, out: Path) -> None:
 
 
 def build(work_dirs: list[Path], out: Path) -> pd.DataFrame:
-    df = build_table(work_dirs)
-    write_csv(df, out)
+    """Rebuild and write under one lock: reading the runs inside the lock means the last writer
+    has seen every run finished before it, so concurrent builds never leave a stale board."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):
+        df = build_table(work_dirs)
+        atomic_write(out, lambda p: df.to_csv(p, index=False, float_format="%.4g", lineterminator="\n"))
     return df
 
 

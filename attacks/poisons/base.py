@@ -160,28 +160,36 @@ def build_poison(spec: dict[str, Any]) -> Poison:
 def quantize_within_budget(x_u8: torch.Tensor, delta: torch.Tensor, budget: Budget) -> torch.Tensor:
     """Poisoned uint8 images `x + delta`, clipped to [0, 255], never outside `budget`.
 
-    Round-to-nearest first (keeps small perturbations alive). A sample whose rounded perturbation
-    exceeds the budget (L2 can grow by up to 0.5/255 per pixel) is shrunk by the overshoot and
-    rounded again (a few times, for L2), and finally quantised by truncating each |delta_i| toward
-    zero. Clipping to the box and truncation only shrink |delta_i|, so a float delta within the
-    budget always yields a uint8 result within it.
+    Round-to-nearest first (keeps small perturbations alive). Where rounding pushes a sample over
+    its budget (L2 can grow by up to 0.5/255 per pixel; L-inf when eps is not a multiple of 1/255),
+    the fewest entries needed are truncated toward zero instead, those rounded up the most first.
+    Clipping to the box and truncation only shrink |delta_i|, so a float delta within the budget
+    always yields a uint8 result within it.
     """
     x = x_u8.to(delta.device).to(torch.float32)
     d255 = delta.to(torch.float32) * 255.0
-    out = (x + torch.round(d255)).clamp_(0, 255)
-    over = ~budget.allows((out - x) / 255.0)
-    scale = torch.ones(len(x), device=x.device)
-    for _ in range(4 if budget.norm == "L2" else 0):
-        if not bool(over.any()):
-            break
-        size = budget.norms((out[over] - x[over]) / 255.0).to(torch.float32).to(x.device)
-        scale[over] = scale[over] * (budget.eps / size.clamp_min(1e-12)) * (1 - 1e-4)
-        view = scale[over].view(-1, *([1] * (x.dim() - 1)))
-        out[over] = (x[over] + torch.round(d255[over] * view)).clamp_(0, 255)
-        over = ~budget.allows((out - x) / 255.0)
+    rounded = (x + torch.round(d255)).clamp_(0, 255) - x
+    over = ~budget.allows(rounded / 255.0)
     if bool(over.any()):
-        out[over] = (x[over] + torch.trunc(d255[over])).clamp_(0, 255)
-    return out.to(torch.uint8).cpu()
+        xo, do, ro = x[over], d255[over], rounded[over]
+        to = (xo + torch.trunc(do)).clamp_(0, 255) - xo
+        if budget.norm == "Linf":
+            fixed = torch.where(ro.abs() > budget.eps * 255.0, to, ro)
+        else:  # L2: truncate the entries with the largest rounding excess until the norm fits
+            m = len(ro)
+            r, t = ro.reshape(m, -1).double(), to.reshape(m, -1).double()
+            exact = ((xo + do).clamp(0, 255) - xo).reshape(m, -1).double()
+            need = r.pow(2).sum(dim=1) - (budget.eps * 255.0) ** 2 * (1 - 1e-9)
+            order = torch.argsort(r.abs() - exact.abs(), dim=1, descending=True, stable=True)
+            gain = torch.gather(r.pow(2) - t.pow(2), 1, order).cumsum(dim=1)
+            count = (gain < need.view(-1, 1)).sum(dim=1) + 1
+            switch = torch.zeros_like(r, dtype=torch.bool)
+            switch.scatter_(1, order, torch.arange(r.shape[1], device=r.device).view(1, -1) < count.view(-1, 1))
+            fixed = torch.where(switch, t, r).float().view_as(ro)
+        still = ~budget.allows(fixed / 255.0)
+        fixed[still] = to[still]  # cannot happen for an in-budget delta; truncation is the floor
+        rounded[over] = fixed
+    return (x + rounded).round_().clamp_(0, 255).to(torch.uint8).cpu()
 
 
 def check_budget(x_clean: torch.Tensor, x_poisoned: torch.Tensor, budget: Budget, name: str) -> torch.Tensor:

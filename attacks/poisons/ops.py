@@ -9,9 +9,12 @@ magnitude).
 Colours are the corners of the colour cube: 2^C values, i.e. the 8 binary RGB colours on CIFAR
 and {0, 255} on grey images (the adaptation for 1 x 28 x 28 data). Where a class's pixels are
 identical at a position (MNIST's black border) the std is 0: a non-zero mean then scores +inf (a
-perfectly consistent shortcut) and 0/0 scores 0. Ties are broken by the lowest (position, colour)
-index, so the poison is fully deterministic (it does not depend on the seed). The scores are
-computed per class, vectorised over positions and colours, on the context's device.
+perfectly consistent shortcut) and 0/0 scores 0. Such ties are common on grey data (every border
+pixel of every class), so they are broken by a seeded random priority: deterministic under the
+seed, and the classes' pixels spread over the image instead of crowding one corner (a
+lowest-index rule would put all ten in adjacent pixels of the first row, where two max-pools
+merge them). The scores are computed per class, vectorised over positions and colours, on the
+context's device.
 """
 from __future__ import annotations
 
@@ -60,13 +63,16 @@ class OPS(Poison):
         delta = torch.zeros_like(x)
         chosen = []
         y = ctx.y.to(x.device)
+        gen = torch.Generator().manual_seed(int(ctx.seed))
+        priority = torch.rand(h * w, len(colours), generator=gen).to(x.device)  # tie-break only
         for cls in range(ctx.num_classes):  # a loop over classes; each class is one batched search
             idx = torch.nonzero(y == cls).flatten()
             if len(idx) == 0:
                 continue
             score = pixel_scores(x[idx], colours).masked_fill(taken, float("-inf"))
             for _ in range(self.pixels):
-                flat = int(torch.argmax(score.flatten()))  # first maximum: lowest (position, colour)
+                best = score.max()
+                flat = int(torch.argmax(torch.where(score == best, priority, torch.full_like(priority, -1.0)).flatten()))
                 pos, col = divmod(flat, len(colours))
                 taken[pos, col] = True
                 score[pos, :] = float("-inf")  # more pixels of one class go to other positions
