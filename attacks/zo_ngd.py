@@ -165,7 +165,7 @@ class ZOAttack(Attack):
         d = math.prod(shape)
         device = x.device
         x_flat = x.reshape(b, d)
-        delta = torch.zeros_like(x_flat)
+        cur = x_flat.clone()  # the current point x + delta, exactly as last queried
         state = self.init_state(b, d, device)
         rows = torch.arange(b, device=device)
 
@@ -186,7 +186,7 @@ class ZOAttack(Attack):
                 it -= 1
                 break
             a = act.numel()
-            xa = x_flat[act] + delta[act]
+            xa = cur[act]
             probes = self.probe_points(xa, dirs_all[act])  # (A, P, d)
             p = probes.shape[1]
             if self.clip_queries:
@@ -195,12 +195,12 @@ class ZOAttack(Attack):
             logp = log_scores(scores, oracle.output).view(a, p, -1)
             upd = self.step(logp0[act], logp, dirs_all[act], y[act], state, act, threat)
             x_new = threat.project((xa - upd).view(a, *shape), x[act])
-            delta[act] = x_new.reshape(a, d) - x_flat[act]
+            cur[act] = x_new.reshape(a, d)
             logp0[act] = log_scores(oracle(x_new, act), oracle.output)
             done[act] = logp0[act].argmax(1) != y[act]
 
         oracle.affordable(cost)  # marks the samples whose budget cannot pay another step
-        x_adv = (x_flat + delta).view_as(x).clamp(0.0, 1.0)
+        x_adv = cur.view_as(x)
         stage = [self.name if flag else "" for flag in done.tolist()]
         return AttackResult(x_adv=x_adv, stage=stage, extras={"iterations": it})
 

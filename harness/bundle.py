@@ -58,6 +58,15 @@ def _slug(path: str, v: Any) -> str:
     return v
 
 
+def _text(path: str, v: Any) -> str:
+    """Free text, possibly empty (optional descriptive fields)."""
+    if v is None:
+        return ""
+    if not isinstance(v, str):
+        raise CardError(path, f"must be text (got {v!r})")
+    return v.strip()
+
+
 def _bool(path: str, v: Any) -> bool:
     if not isinstance(v, bool):
         raise CardError(path, f"must be true or false (got {v!r})")
@@ -222,8 +231,8 @@ FIELDS: tuple[Field, ...] = (
     Field("weights", _weights, True, "{file: weights file in the bundle, sha256: its sha256}"),
     Field("clean_accuracy", _percent, True, "declared clean accuracy in percent on the dataset's test split"),
     Field("number_forward_passes", _positive_int, False, "forward passes one prediction costs (ensembles, EOT)", 1),
-    Field("preprocessing", _str, False, "any input preprocessing inside the model, in words", "none"),
-    Field("notes", _str, False, "anything else a reviewer should know", ""),
+    Field("preprocessing", _text, False, "any input preprocessing inside the model, in words", "none"),
+    Field("notes", _text, False, "anything else a reviewer should know", ""),
 )
 FIELD_NAMES = tuple(f.name for f in FIELDS)
 

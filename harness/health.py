@@ -186,12 +186,16 @@ class Probe:
 
 def probe_pgd(model: nn.Module, decider: Decider, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel, steps: int,
               gen: torch.Generator, *, start: bool = True, eot: int = 1, single_step: bool = False) -> Probe:
-    """Margin-loss PGD (or FGSM with `single_step`: one CE step of size eps from x); any fooling iterate counts."""
+    """Margin-loss PGD (or FGSM with `single_step`: one CE step of size eps from x); any fooling iterate counts.
+
+    `loss_curve` is the mean loss per step over the samples the probe did not break.
+    """
     alpha = threat.eps if single_step else 2.5 * threat.eps / steps
     x_adv = random_start(x, threat, gen) if (start and not single_step) else x.clone()
     best = x.clone()
     found = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-    acc, losses = [], []
+    acc: list[float] = []
+    losses: list[torch.Tensor] = []
     for _ in range(1 if single_step else steps):
         x_adv.requires_grad_(True)
         logits = _logits(model, x_adv, eot)
@@ -203,7 +207,7 @@ def probe_pgd(model: nn.Module, decider: Decider, x: torch.Tensor, y: torch.Tens
             best = torch.where((now & ~found).view(-1, 1, 1, 1), x_adv, best)
             found |= now
             acc.append(float(1.0 - found.float().mean()))
-            losses.append(float(loss.detach().mean()))
+            losses.append(loss.detach())
             grad = torch.nan_to_num(grad)
             step = grad.sign() if threat.norm == "Linf" else _l2_normalize(grad)
             x_adv = threat.project(x_adv + alpha * step, x)
@@ -213,7 +217,10 @@ def probe_pgd(model: nn.Module, decider: Decider, x: torch.Tensor, y: torch.Tens
         candidate = torch.where((found | last).view(-1, 1, 1, 1), best, x_adv)
         fooled = decider.fooled(candidate, y)  # the harness's own verdict on the returned example
     acc.append(float(1.0 - fooled.float().mean()))
-    return Probe(fooled, candidate, acc, losses)
+    # the loss curve that matters for convergence is the survivors' (broken samples keep climbing)
+    keep = ~fooled if bool((~fooled).any()) else torch.ones_like(fooled)
+    curve = [float(step[keep].mean()) for step in losses]
+    return Probe(fooled, candidate, acc, curve)
 
 
 @torch.no_grad()
@@ -282,31 +289,51 @@ def check_probability_outputs(clf: Classifier, x: torch.Tensor) -> Check:
 
 
 class _AutogradTracer:
-    """Counts autograd engine runs and optimiser steps inside a block (AutoAttack's `check_dynamic`, by profiling)."""
+    """Counts autograd engine runs and optimiser steps inside a block (AutoAttack's `check_dynamic`).
 
-    WATCH = {("autograd", "_engine_run_backward"): "backward", ("optim", "step"): "optimizer.step"}
+    Two nets: a profile hook on the autograd engine entry point and on optimiser `step` (catches
+    every route, including names imported before the check), installed only when no other
+    profiler is active; and wrappers around `torch.autograd.grad` / `backward` and
+    `Tensor.backward`, which are always in place during the block.
+    """
 
     def __init__(self) -> None:
         self.calls: dict[str, int] = {}
+
+    def _count(self, label: str) -> None:
+        self.calls[label] = self.calls.get(label, 0) + 1
 
     def _profile(self, frame: Any, event: str, arg: Any) -> None:
         if event != "call":
             return
         name = frame.f_code.co_name
-        if name not in ("_engine_run_backward", "step"):
-            return
-        path = frame.f_code.co_filename.replace("\\", "/")
-        for (pkg, fn), label in self.WATCH.items():
-            if name == fn and f"/torch/{pkg}/" in path:
-                self.calls[label] = self.calls.get(label, 0) + 1
+        if name == "_engine_run_backward" or name == "step":
+            path = frame.f_code.co_filename.replace("\\", "/")
+            if name == "_engine_run_backward" and "/torch/autograd/" in path:
+                self._count("autograd engine")
+            elif name == "step" and "/torch/optim/" in path:
+                self._count("optimizer.step")
+
+    def _wrap(self, fn: Callable[..., Any], label: str) -> Callable[..., Any]:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            self._count(label)
+            return fn(*args, **kwargs)
+        return wrapped
 
     def __enter__(self) -> "_AutogradTracer":
-        self._old = sys.getprofile()
-        sys.setprofile(self._profile)
+        self._saved = (torch.autograd.grad, torch.autograd.backward, torch.Tensor.backward)
+        torch.autograd.grad = self._wrap(self._saved[0], "torch.autograd.grad")  # type: ignore[assignment]
+        torch.autograd.backward = self._wrap(self._saved[1], "torch.autograd.backward")  # type: ignore[assignment]
+        torch.Tensor.backward = self._wrap(self._saved[2], "Tensor.backward")  # type: ignore[method-assign]
+        self._profiling = sys.getprofile() is None
+        if self._profiling:
+            sys.setprofile(self._profile)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        sys.setprofile(self._old)
+        if self._profiling:
+            sys.setprofile(None)
+        torch.autograd.grad, torch.autograd.backward, torch.Tensor.backward = self._saved  # type: ignore[assignment]
 
 
 def _state(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -324,7 +351,7 @@ def check_inference_optimisation(clf: Classifier, x: torch.Tensor) -> Check:
     with _AutogradTracer() as tracer:
         with torch.no_grad():
             clf.module(x)
-        clf.module(x.clone().requires_grad_(False))
+        clf.module(x.clone().requires_grad_(True))
     changed = _changed(before, clf.module)
     ev = {"autograd_calls_in_forward": tracer.calls, "state_changed_by_forward": changed[:MAX_IDS]}
     if tracer.calls or changed:
@@ -425,8 +452,9 @@ def attack_checks(clf: Classifier, x: torch.Tensor, y: torch.Tensor, ids: torch.
     whitebox = main.fooled | long.fooled | fgsm.fooled
     curves["eps_sweep"] = {"eps": [threat.eps * f if threat.norm != "Linf" else min(threat.eps * f, 1.0) for f in factors],
                            "robust_acc": [float((correct.sum() - sweep[f].fooled.sum()) / n) for f in factors]}
-    curves["pgd"] = {"steps": cfg.steps, "acc": main.acc_curve, "loss": main.loss_curve}
-    curves["pgd_2x"] = {"steps": 2 * cfg.steps, "acc": long.acc_curve, "loss": long.loss_curve}
+    share = m / n  # probe curves are over the clean-correct samples; stored as robust accuracy over the subset
+    curves["pgd"] = {"steps": cfg.steps, "acc": [a * share for a in main.acc_curve], "loss": main.loss_curve}
+    curves["pgd_2x"] = {"steps": 2 * cfg.steps, "acc": [a * share for a in long.acc_curve], "loss": long.loss_curve}
 
     # (6) iterative >= single step
     extra = fgsm.fooled & ~(main.fooled | long.fooled)
@@ -465,7 +493,7 @@ def attack_checks(clf: Classifier, x: torch.Tensor, y: torch.Tensor, ids: torch.
                         f"{100 * acc_big:.1f}% (chance {100 * chance:.1f}%)",
                         {"eps": big.eps, "accuracy": acc_big, "chance": chance, "survivors": int(survivors.sum()),
                          "survivor_ids": _ids(survivors, sid)}))
-    curves["unbounded"] = {"eps": big.eps, "acc": unb.acc_curve}
+    curves["unbounded"] = {"eps": big.eps, "acc": [a * share for a in unb.acc_curve]}
 
     # (9) white-box >= black-box, per sample (Square through the counted oracle)
     sq, queries = probe_square(clf, decider, xs, ys, threat, cfg.square_budget, gen)

@@ -7,17 +7,18 @@ accuracy come from the run's summary (they have no per-sample record). Rows are 
 formatted deterministically, so rebuilding from the same runs gives a byte-identical file, written
 atomically. `matrix(df)` is the poison x defense view papers print.
 
-`setting` tells apart runs that share the five key columns but differ in anything else that
-changes the result (poison or defense parameters, training recipe, subsets, device type); rows are
-never averaged across settings. `clean_acc` is the same defense and setting trained on clean data
-(poison=none), and `acc_drop` = clean_acc - final_acc_mean, the poison's damage.
+`setting` is the shared experimental setting: a hash of the dataset config, model, training
+recipe (the defense's `train:`), train/test subsets and device type. Poison and defense parameters
+belong to the poison and defense: a non-default variant shows as `name#hash` (or its `label:`),
+so rows are never averaged across different configurations. `clean_acc` is the same defense in the
+same setting trained on clean data (poison=none), and `acc_drop` = clean_acc - final_acc_mean,
+the poison's damage.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from harness import __version__
@@ -43,12 +44,22 @@ def _pct(x: float) -> float:
     return round(100.0 * float(x), 2) if x == x else float("nan")
 
 
-def _setting(semantic: dict[str, Any], without_poison: bool = False) -> str:
-    """Hash of everything but the seed (and, for the clean reference, the poison)."""
-    rest = {k: v for k, v in semantic.items() if k not in ("seed",) and not (without_poison and k == "poison")}
-    if not without_poison:
-        rest["poison"] = {k: v for k, v in dict(semantic.get("poison") or {}).items()}
-    return stable_hash(rest, 10)
+def _setting(semantic: dict[str, Any]) -> str:
+    """Hash of the shared setting: data, model, training recipe, subsets, device type."""
+    shared = {k: v for k, v in semantic.items() if k not in ("seed", "poison", "defense")}
+    shared["train"] = dict((semantic.get("defense") or {}).get("train") or {})
+    return stable_hash(shared, 10)
+
+
+def _params(spec: dict[str, Any], drop: tuple[str, ...]) -> str:
+    return stable_hash({k: v for k, v in spec.items() if k not in drop}, 4)
+
+
+def _labels(runs: pd.DataFrame, kind: str) -> pd.Series:
+    """Names, with `#<params hash>` where one name appears with different parameters."""
+    variants = runs.groupby(f"{kind}_name")[f"{kind}_params"].nunique()
+    return runs.apply(lambda r: r[f"{kind}_label"] or (r[f"{kind}_name"] + (
+        f"#{r[f'{kind}_params']}" if variants[r[f'{kind}_name']] > 1 else "")), axis=1)
 
 
 def _command(manifest: dict[str, Any], seeds: list[int]) -> str:
@@ -68,16 +79,18 @@ def collect_runs(work_dir: Path) -> pd.DataFrame:
         samples = run.samples()
         semantic = manifest["config"]
         poison = dict(semantic.get("poison") or {})
+        defense = dict(semantic.get("defense") or {})
         dataset = dict(semantic.get("dataset") or {})
         n_train = int(summary.get("n_train", 0)) or 1
         rows.append({
-            "poison": str(poison.get("label") or poison.get("name")),
-            "defense": str((semantic.get("defense") or {}).get("label") or (semantic.get("defense") or {}).get("name")),
+            "poison_name": str(poison.get("name")), "poison_label": str(poison.get("label") or ""),
+            "poison_params": _params(poison, ("name", "label", "ratio")),
+            "defense_name": str(defense.get("name")), "defense_label": str(defense.get("label") or ""),
+            "defense_params": _params(defense, ("name", "label", "train")),
             "dataset": str(dataset.get("label") or dataset.get("name")),
             "model": str((semantic.get("model") or {}).get("name")),
             "ratio": float(poison.get("ratio", 1.0)),
             "setting": _setting(semantic),
-            "clean_setting": _setting(semantic, without_poison=True),
             "seed": int(semantic.get("seed", 0)),
             "final_acc": float(samples["correct"].mean()) if len(samples) else float("nan"),
             "best_acc": float(summary.get("best_test_acc", float("nan"))),
@@ -109,14 +122,16 @@ def build_table(work_dir: Path) -> pd.DataFrame:
     runs = collect_runs(work_dir)
     if runs.empty:
         return pd.DataFrame(columns=COLUMNS)
-    # clean reference per (defense setting without the poison): mean final accuracy of poison=none runs
-    clean = runs[runs["poison"] == "none"].groupby("clean_setting")["final_acc"].mean()
+    runs["poison"] = _labels(runs, "poison")
+    runs["defense"] = _labels(runs, "defense")
+    # clean reference: the same defense, data and setting trained on clean data (poison=none)
+    clean = runs[runs["poison_name"] == "none"].groupby(["defense", "dataset", "model", "setting"])["final_acc"].mean()
     rows = []
     for _, group in runs.groupby(KEY + ["setting"], sort=True, dropna=False):
         group = group.sort_values(["seed", "config_hash"], kind="stable")
         first = group.iloc[0]
         seeds = [int(s) for s in group["seed"]]
-        ref = clean.get(first["clean_setting"], float("nan"))
+        ref = clean.get((first["defense"], first["dataset"], first["model"], first["setting"]), float("nan"))
         final_mean = float(group["final_acc"].mean())
         rows.append({
             **{k: first[k] for k in KEY}, "setting": first["setting"],
@@ -186,9 +201,7 @@ def matrix(df: pd.DataFrame, value: str = "final_acc") -> pd.DataFrame:
         return f"{mean:.2f} ± {std:.2f}" if std == std else f"{mean:.2f}"
 
     cells["cell"] = cells.apply(cell, axis=1)
-    context = [c for c in ("dataset", "model", "ratio") if cells[c].nunique() > 1]
-    if cells.groupby(KEY).size().max() > 1:
-        context.append("setting")
+    context = [c for c in ("dataset", "model", "ratio", "setting") if cells[c].nunique() > 1]
     table = cells.pivot_table(index=context + ["poison"], columns="defense", values="cell", aggfunc="first")
     poisons = sorted(cells["poison"].unique(), key=lambda p: (POISON_ORDER.index(p) if p in POISON_ORDER else 99, p))
     defenses = sorted(cells["defense"].unique(), key=lambda d: (DEFENSE_ORDER.index(d) if d in DEFENSE_ORDER else 99, d))

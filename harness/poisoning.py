@@ -75,7 +75,7 @@ def defense_spec(cfg: dict[str, Any]) -> dict[str, Any]:
     line reaches every defense (defenses without a `train:` section are left alone).
     """
     spec = dict(cfg.get("defense") or DEFAULT_DEFENSE)
-    overrides = dict(cfg.get("train") or {})
+    overrides = {k: v for k, v in dict(cfg.get("train") or {}).items() if v is not None}
     if overrides:
         spec["train"] = {**dict(spec.get("train") or {}), **overrides}
     return spec
@@ -123,6 +123,9 @@ def run_poison(cfg: dict[str, Any], overrides: list[str] | None = None, log=prin
     """Run (or skip, when finished) one poisoning-track configuration; return its summary."""
     import attacks.poisons  # noqa: F401  (registers poisons)
     import defenses  # noqa: F401  (registers defenses)
+    import defenses.augment_baselines  # noqa: F401  (the poisoning track's training defenses)
+    import defenses.iss  # noqa: F401
+    import defenses.ueraser  # noqa: F401
     from attacks.poisons import apply_poison, build_poison
     from defenses.base import BuildContext, build_defense
 

@@ -163,6 +163,13 @@ def with_threat(cfg: dict[str, Any], overrides: list[str], threat: dict[str, Any
     return cfg, [*overrides, f"threat={threat['norm'].lower()}", f"threat.eps={threat['eps']!r}"]
 
 
+def plan_suite(cfg: dict[str, Any]) -> None:
+    """Validate the suite's attack specs before any work (the evaluator builds them again)."""
+    from harness.evaluate import build_slots, suite_specs
+
+    build_slots(suite_specs(cfg)[1])
+
+
 def cap_samples(cfg: dict[str, Any], total: int) -> None:
     """Default sample counts larger than the test split become the whole split."""
     n = cfg.get("n_samples")
@@ -258,7 +265,7 @@ def submit(bundle_path: Path | str, opts: SubmitOptions | None = None, log: Call
     import defenses  # noqa: F401  (registers defenses)
     from defenses.base import BuildContext, build_defense
     from harness import leaderboard
-    from harness.evaluate import plan_evaluation, run_evaluation
+    from harness.evaluate import run_evaluation
     from harness.health import HealthConfig, build_surrogate, format_report, mark_summary, merge_suite_checks, run_health, \
         suite_checks, write_report
     from harness.threat import ThreatModel
@@ -277,34 +284,37 @@ def submit(bundle_path: Path | str, opts: SubmitOptions | None = None, log: Call
     seed = int(opts.seed) if opts.seed is not None else secrets.randbelow(2**31 - 1)
     suite = choose_suite(card, opts.suite)
     cfg, overrides = _stage("dataset", lambda: compose(bundle, opts, suite, seed))
-    cfg, overrides = with_threat(cfg, overrides, card["threat_models"][0])
+    cfg = with_threat(cfg, [], card["threat_models"][0])[0]  # the first threat model until the scoring loop
     suite_cfg = cfg.get("suite") or {}
     sub = dict(suite_cfg.get("submission") or {})
     health_cfg = HealthConfig.from_dict(suite_cfg.get("health"))
     if opts.health_samples is not None:
         health_cfg.n_samples = int(opts.health_samples)
 
-    from harness.datasets import load_dataset
+    from harness.datasets import load_dataset, select_eval
+    from harness.evaluate import resolve_device
 
     data = _stage("dataset", lambda: load_dataset(dict(cfg["dataset"])))
     cap_samples(cfg, int(data.test_x.shape[0]))
-    plan = _stage("dataset", lambda: plan_evaluation(cfg))
+    ids, x_u8, y = _stage("dataset", lambda: select_eval(data, cfg["n_samples"], int(cfg.get("offset", 0) or 0)))
+    device = _stage("dataset", lambda: resolve_device(str(cfg.get("device", "auto"))))
+    _stage("dataset", lambda: plan_suite(cfg))
     cache_dir = Path(str(cfg["work_dir"])) / "cache"
 
     def build() -> Any:
         return build_defense(dict(cfg["defense"])).build(BuildContext(
-            data=plan.data, model_cfg=dict(cfg.get("model") or {}), device=plan.device, seed=seed,
-            cache_dir=cache_dir, progress=opts.progress)).to(plan.device)
+            data=data, model_cfg=dict(cfg.get("model") or {}), device=device, seed=seed,
+            cache_dir=cache_dir, progress=opts.progress)).to(device)
 
     clf = _stage("loading", build)
     log(f"  ok  loading: weights_only load, create() from {card['model_file']}, strict state dict")
-    probe = to_unit(plan.x[: min(64, plan.x.shape[0])], plan.device)
+    probe = to_unit(x_u8[: min(64, x_u8.shape[0])], device)
     contract = _stage("contract", lambda: check_contract(clf, probe, card))
     log(f"  ok  contract: logits ({contract['output_dtype']}), eval mode, randomness "
         f"{'observed as declared' if card['randomized'] else 'none, as declared'}")
     draws = int((cfg.get("evaluator") or {}).get("draws", 10))
-    measured = clean_accuracy(clf, plan.x, plan.y, plan.device, opts.batch_size, draws, seed)
-    clean = _stage("clean_accuracy", lambda: check_clean_accuracy(measured, card["clean_accuracy"], int(plan.x.shape[0]), sub))
+    measured = clean_accuracy(clf, x_u8, y, device, opts.batch_size, draws, seed)
+    clean = _stage("clean_accuracy", lambda: check_clean_accuracy(measured, card["clean_accuracy"], int(x_u8.shape[0]), sub))
     log(f"  ok  clean accuracy: {clean['measured']}% measured on {clean['n']} images, {clean['declared']}% declared "
         f"(tolerance {clean['tolerance_points']} points)")
     result = SubmissionResult(bundle, seed, suite, clean)
@@ -314,10 +324,10 @@ def submit(bundle_path: Path | str, opts: SubmitOptions | None = None, log: Call
 
     # health report (before the suite, on the first evaluation samples)
     threats = [ThreatModel(t["norm"], float(t["eps"])) for t in card["threat_models"]]
-    surrogate, why = build_surrogate(plan.data, health_cfg, plan.device, seed, cache_dir, progress=opts.progress)
-    xh = to_unit(plan.x[: health_cfg.n_samples], plan.device)
-    reports = run_health(clf, xh, plan.y[: health_cfg.n_samples].to(plan.device), plan.ids[: health_cfg.n_samples],
-                         threats, health_cfg, seed, surrogate, why)
+    surrogate, why = build_surrogate(data, health_cfg, device, seed, cache_dir, progress=opts.progress)
+    nh = min(health_cfg.n_samples, int(x_u8.shape[0]))
+    reports = run_health(clf, to_unit(x_u8[:nh], device), y[:nh].to(device), ids[:nh], threats, health_cfg, seed,
+                         surrogate, why)
     log(f"  ok  health report: {len(reports)} threat model(s), {sum(r.wall_s for r in reports.values()):.0f} s")
     del clf
 
@@ -333,18 +343,17 @@ def submit(bundle_path: Path | str, opts: SubmitOptions | None = None, log: Call
         "card": card,
         "bundle": {"path": str(bundle.path), "card_sha256": file_sha256(bundle.path / CARD_NAME),
                    "model_file_sha256": file_sha256(bundle.model_file), "weights_sha256": sha},
-        "scoring": {"suite": suite, "seed": seed, "seed_source": seed_source, "n_samples": int(plan.x.shape[0]),
-                    "health_samples": min(health_cfg.n_samples, int(plan.x.shape[0])), "clean_check": clean,
+        "scoring": {"suite": suite, "seed": seed, "seed_source": seed_source, "n_samples": int(x_u8.shape[0]),
+                    "health_samples": nh, "clean_check": clean,
                     "contract": contract},
         "submit_command": command,
     }
     for threat_decl, threat in zip(card["threat_models"], threats):
         cfg_t, ov_t = with_threat(cfg, overrides, threat_decl)
         report = reports[threat.name]
-        run_dir = plan_evaluation(cfg_t).run.path
-        write_report(run_dir, report)  # the pre-suite part is kept even if the suite is interrupted
         summary = run_evaluation(cfg_t, overrides=ov_t, log=lambda *a: None, manifest_extra=provenance)
-        samples = RunDir(Path(summary["run_dir"])).samples()
+        run_dir = Path(summary["run_dir"])
+        samples = RunDir(run_dir).samples()
         merge_suite_checks(report, suite_checks(samples, threat, blackbox, health_cfg))
         write_report(run_dir, report)
         mark_summary(run_dir, report)

@@ -268,3 +268,46 @@ def test_advms_rejects_bad_configs():
         AdvMS(switching="layer")
     with pytest.raises(UserError, match="blocks"):
         AdvMS(blocks=0)
+
+
+def test_randomized_suite_config_holds_the_four_attacks():
+    from attacks.base import build_attack
+    from harness.api import compose_config
+
+    cfg = compose_config(["suite=randomized", "defense=advms"])
+    specs = {a["label"]: a for a in cfg["suite"]["attacks"]}
+    assert specs["aa-rand"]["name"] == "autoattack" and specs["aa-rand"]["version"] == "rand"
+    assert specs["eot-pgd"]["name"] == "pgd" and specs["eot-pgd"]["eot"] >= 2 and "view" not in specs["eot-pgd"]
+    assert specs["pgd-fixed"]["view"] == "fixed" and specs["pgd-expected"]["view"] == "expected"
+    for spec in specs.values():
+        build_attack({k: v for k, v in spec.items() if k != "view"})
+    assert build_defense(cfg["defense"]).describe()["channels"] == [3]
+
+
+@pytest.mark.parametrize("switching", ["batch", "sample"])
+def test_randomized_run_reports_mean_majority_worst_in_order(tmp_path, switching):
+    """A real `arena eval` of AdvMS under the randomized suite (shrunk): decisions over R draws,
+    worst <= majority and worst <= mean for clean and robust accuracy, EOT draws counted."""
+    from harness.api import run_eval
+
+    attacks = ("[{name:pgd,label:pgd-expected,view:expected,steps:5},{name:pgd,label:pgd-fixed,view:fixed,steps:5},"
+               "{name:pgd,label:eot-pgd,steps:5,eot:4},{name:autoattack,label:aa-rand,version:rand,n_iter:3}]")
+    summary = run_eval([
+        "dataset=digits", "model=small_cnn", "model.width=8", "model.hidden=32", "defense=advms", "defense.channels=3",
+        f"defense.switching={switching}", "defense.steps=1", "defense.train.epochs=3", "defense.train.optimizer=adam",
+        "defense.train.lr=0.005", "threat.eps=0.1", "suite=randomized", f"suite.attacks={attacks}",
+        "n_samples=48", "batch_size=24", "evaluator.draws=7", "evaluator.cascade=false",
+    ], tmp_path)
+    assert summary["randomized"] is True
+    three = {"clean": (summary["clean_acc_worst"], summary["clean_acc"], summary["clean_acc_majority"]),
+             "robust": (summary["robust_acc"], summary["robust_acc_mean"], summary["robust_acc_majority"])}
+    for name, (worst, mean, majority) in three.items():
+        assert worst <= majority + 1e-12 and worst <= mean + 1e-12, (name, worst, mean, majority)
+    assert summary["clean_acc"] > 0.5
+    assert summary["robust_acc"] <= summary["clean_acc_worst"]
+    eot = summary["attacks"]["eot-pgd"]
+    assert eot["n_backward"] >= 4 * 5 * eot["attacked"]  # 4 draws per step, 5 steps
+    import pandas as pd
+
+    records = pd.read_parquet(Path(summary["run_dir"]) / "samples.parquet")
+    assert (records["draws"] == 7).all()

@@ -1,0 +1,148 @@
+"""Benchmark: the poison x defense matrix of clean test accuracy (final epoch), three seeds.
+
+Every cell is a real `arena poison` run (composed from conf/poison.yaml with the same overrides
+the CLI takes), stored under the work dir, so an interrupted benchmark resumes and the leaderboard
+rows are rebuilt from the runs. Prints the matrix with the drop against clean training and the
+recovery of the best UEraser variant, checks the issue's targets, and writes
+bench/results/poisoning.{json,md} (and, with --leaderboard, the committed leaderboard CSV).
+
+    python bench/bench_poisoning.py                      # the reduced CPU setting (see --help)
+    python bench/bench_poisoning.py --train-n 60000 --test-n 10000 --epochs 30 --device cuda
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+POISONS = ["none", "lsp", "ar", "ops", "em"]
+DEFENSES = ["standard", "ueraser_lite", "ueraser", "ueraser_max"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="fashion_mnist", help="fashion_mnist (Debian package) or mnist5k")
+    p.add_argument("--train-n", type=int, default=2000, help="class-balanced subset of the train split")
+    p.add_argument("--test-n", type=int, default=2000, help="first N clean test images")
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--optimizer", default="adam")
+    p.add_argument("--lr", type=float, default=0.002)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--schedule", default="cosine")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--poisons", default=",".join(POISONS))
+    p.add_argument("--defenses", default=",".join(DEFENSES))
+    p.add_argument("--extra", action="append", default=[], help="more Hydra overrides for every run (e.g. poison.max_rounds=10)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--work-dir", type=Path, default=ROOT / "arena-work" / "bench-poisoning")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--leaderboard", type=Path, default=None, help="also write the board CSV here (e.g. leaderboard/poisoning.csv)")
+    return p.parse_args(argv)
+
+
+def overrides_for(args: argparse.Namespace, poison: str, defense: str, seed: int) -> list[str]:
+    return [
+        f"dataset={args.dataset}", f"poison={poison}", f"defense={defense}", f"seed={seed}",
+        f"train_n={args.train_n}", f"test_n={args.test_n}", f"device={args.device}",
+        f"train.epochs={args.epochs}", f"train.batch_size={args.batch_size}", f"train.optimizer={args.optimizer}",
+        f"train.lr={args.lr}", f"train.weight_decay={args.weight_decay}", f"train.schedule={args.schedule}",
+        *args.extra,
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    from harness.hydra_app import CONF_DIR, to_plain
+    from harness.poison_board import build_table, matrix, matrix_markdown
+    from harness.poisoning import run_poison
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    poisons, defenses = args.poisons.split(","), args.defenses.split(",")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    start = time.perf_counter()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        for seed in seeds:
+            for poison in poisons:
+                for defense in defenses:
+                    ovs = overrides_for(args, poison, defense, seed)
+                    cfg = to_plain(compose(config_name="poison", overrides=ovs + [f"work_dir={args.work_dir}", "progress=false"]))
+                    t = time.perf_counter()
+                    run_poison(cfg, overrides=ovs, log=lambda m: print(m, flush=True))
+                    print(f"  [{time.perf_counter() - t:.1f}s, total {time.perf_counter() - start:.0f}s]", flush=True)
+    wall = time.perf_counter() - start
+
+    board = build_table(args.work_dir)
+    board = board[board["poison"].isin(poisons) & board["defense"].isin(defenses) & (board["dataset"] == args.dataset)
+                  & (board["n_train"] == args.train_n) & (board["n_test"] == args.test_n) & (board["epochs"] == args.epochs)]
+    board = board.reset_index(drop=True)
+    if args.leaderboard is not None:
+        from harness.leaderboard import write_csv
+
+        write_csv(board, args.leaderboard)
+    final = matrix(board, "final_acc")
+    best = matrix(board, "best_acc")
+    train = matrix(board, "train_acc")
+    means = board.pivot_table(index="poison", columns="defense", values="final_acc_mean", aggfunc="first")
+    clean = means.loc["none"] if "none" in means.index else None
+    checks = []
+    if clean is not None and "standard" in means.columns:
+        for poison in [p for p in poisons if p != "none" and p in means.index]:
+            drop = float(clean["standard"] - means.loc[poison, "standard"])
+            ueraser_cols = [d for d in means.columns if d.startswith("ueraser")]
+            best_u = max(ueraser_cols, key=lambda d: means.loc[poison, d]) if ueraser_cols else None
+            gap = float(clean["standard"] - means.loc[poison, best_u]) if best_u else float("nan")
+            checks.append({"poison": poison, "standard_drop": round(drop, 2), "drop_target_met": drop >= 20.0,
+                           "best_ueraser": best_u, "best_ueraser_acc": round(float(means.loc[poison, best_u]), 2) if best_u else None,
+                           "gap_to_clean": round(gap, 2), "recovery_target_met": gap <= 5.0})
+    command = "python bench/bench_poisoning.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    setting = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    print("\nclean test accuracy (%), final epoch, mean ± std over seeds", seeds)
+    print(final.to_string())
+    print("\ntargets: standard drop >= 20 points; best UEraser within 5 points of clean standard training")
+    for c in checks:
+        print(f"  {c['poison']:>5}: standard drop {c['standard_drop']:6.2f} ({'met' if c['drop_target_met'] else 'MISSED'}); "
+              f"best UEraser {c['best_ueraser']} {c['best_ueraser_acc']} -> gap {c['gap_to_clean']:6.2f} "
+              f"({'met' if c['recovery_target_met'] else 'MISSED'})")
+    print(f"\nwall time {wall:.0f}s")
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = {
+        "command": command, "setting": setting, "seeds": seeds, "wall_s": round(wall, 1),
+        "torch_threads": torch.get_num_threads(),
+        "matrix_final_acc": json.loads(final.to_json(orient="index")),
+        "matrix_best_acc": json.loads(best.to_json(orient="index")),
+        "matrix_train_acc": json.loads(train.to_json(orient="index")),
+        "targets": checks,
+        "rows": json.loads(board.drop(columns=["git"]).to_json(orient="records")),
+    }
+    (args.out / "poisoning.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    md = [
+        "# Poisoning benchmark: poison x defense, clean test accuracy (%)", "",
+        f"Command: `{command}`  ", f"Dataset {args.dataset}, {args.train_n} training / {args.test_n} test images, "
+        f"small_cnn, {args.epochs} epochs ({args.optimizer}, lr {args.lr}, batch {args.batch_size}), seeds {seeds}, "
+        f"device {args.device}; wall time {wall:.0f} s.", "",
+        "## Final epoch (mean ± std over seeds)", "", matrix_markdown(board, "final_acc"),
+        "## Best epoch", "", matrix_markdown(board, "best_acc"),
+        "## Training accuracy on the poisoned data", "", matrix_markdown(board, "train_acc"),
+        "## Targets", "", "| poison | standard drop | >= 20? | best UEraser | its acc | gap to clean | <= 5? |", "|---|---|---|---|---|---|---|",
+        *[f"| {c['poison']} | {c['standard_drop']} | {'yes' if c['drop_target_met'] else 'no'} | {c['best_ueraser']} | "
+          f"{c['best_ueraser_acc']} | {c['gap_to_clean']} | {'yes' if c['recovery_target_met'] else 'no'} |" for c in checks], "",
+    ]
+    (args.out / "poisoning.md").write_text("\n".join(md))
+    print(f"wrote {args.out / 'poisoning.json'} and {args.out / 'poisoning.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
