@@ -182,6 +182,14 @@ def table(results: dict[str, dict[str, Any]]) -> str:
                 diff = f"{100 * (a - b):+.1f} (n={m})"
             lines.append(f"| {name} | {r['eps']:.4g} | {method} | {r['n']} | {r['clean']:.1%} | {r['robust']:.1%} | "
                          f"{fwd:.0f} | {bwd:.0f} | {ratio} | {diff} | {r['wall_s']:.0f} |")
+    lines += ["", "| model | LAFEAT layer | head | head data | augment | epochs | head agreement | head training fwd passes |",
+              "|---|---|---|---|---|---|---|---|"]
+    for name, res in results.items():
+        r = res.get("lafeat-u") or res.get("lafeat-ut")
+        if r:
+            h = r["head"]
+            lines.append(f"| {name} | {h['lafeat_layer']} | {h['head_kind']} | {h['head_data']} (n={h['head_data_n']}) | "
+                         f"{h['head_augment']} | {h['head_epochs']} | {h['head_agreement']:.1%} | {h['head_train_forward']} |")
     return "\n".join(lines)
 
 
@@ -202,21 +210,29 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     RESULTS.mkdir(parents=True, exist_ok=True)
     json_path = RESULTS / "lafeat.json"
-    stored = json.loads(json_path.read_text()) if json_path.is_file() else {"results": {}, "runs": []}
-    for name in args.models.split(","):
-        res = bench_setting(name, args.n, args.aa_n or args.n, args.head_n, args.methods.split(","), args.seed,
-                            Path(args.cache))
-        stored["results"].setdefault(name, {}).update(res)
+    fresh = {name: bench_setting(name, args.n, args.aa_n or args.n, args.head_n, args.methods.split(","), args.seed,
+                                 Path(args.cache)) for name in args.models.split(",")}
+    from filelock import FileLock
+
+    Path(args.cache).mkdir(parents=True, exist_ok=True)
+    with FileLock(str(Path(args.cache) / "bench_lafeat.lock")):  # merge into what other (partial) runs stored meanwhile
+        stored = json.loads(json_path.read_text()) if json_path.is_file() else {"results": {}, "runs": []}
+        for name, res in fresh.items():
+            stored["results"].setdefault(name, {}).update(res)
+        _store(stored, json_path, args, argv)
+    md = table(stored["results"])
+    print(md)
+    return 0
+
+
+def _store(stored: dict[str, Any], json_path: Path, args: argparse.Namespace, argv: list[str] | None) -> None:
     stored["runs"].append({"command": "python bench/bench_lafeat.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,
                            "threads": args.threads})
     json_path.write_text(json.dumps(stored, indent=1) + "\n")
-    md = table(stored["results"])
     (RESULTS / "lafeat.md").write_text(
-        "# LAFEAT vs APGD-CE vs AutoAttack (standard)\n\n" + md + "\n\nCommands:\n\n"
+        "# LAFEAT vs APGD-CE vs AutoAttack (standard)\n\n" + table(stored["results"]) + "\n\nCommands:\n\n"
         + "\n".join(f"- `{r['command']}` ({r['date']})" for r in stored["runs"]) + "\n")
-    print(md)
-    return 0
 
 
 if __name__ == "__main__":

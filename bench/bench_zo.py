@@ -49,7 +49,7 @@ REF_MNIST = dict(name="zo_ngd", q=40, mu=1.0, eta=4e-4, lam=5e-6, fisher="two_cl
 # Tuned on a disjoint-in-purpose small sweep (budget 3,000; docs/zo_ngd.md lists what was tried).
 TUNED_HINGE = dict(name="zo_ngd", q=20, mu=1.0, eta=20.0, lam=1e4, fisher="rank1")
 TUNED_NLL = dict(name="zo_ngd", q=20, mu=1.0, eta=5.0, lam=1e-3, fisher="rank1", loss="nll")
-ZO_SGD = dict(name="zo_sgd", q=20, mu=1.0, eta=0.002)
+ZO_SGD = dict(name="zo_sgd", q=20, mu=1.0, eta=0.002)  # tuned like ZO-NGD (same q, mu)
 NES = dict(name="nes")
 SQUARE = dict(name="square")
 
@@ -57,28 +57,33 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "cifar": dict(model="cifar10_resnet2b", weights=None, data="cifar10_test_first1000.npz", eps=8 / 255,
                   reference=REF_CIFAR, sgd=ZO_SGD),
     "mnist-standard": dict(model="mnist_lenet5", weights="weights_standard.pt", data="mnist_test_first1000.npz",
-                           eps=0.1, reference=REF_MNIST, sgd=dict(ZO_SGD, eta=0.01)),
+                           eps=0.1, reference=REF_MNIST, sgd=ZO_SGD),
     "mnist-pgd": dict(model="mnist_lenet5", weights="weights_pgd.pt", data="mnist_test_first1000.npz",
-                      eps=0.3, reference=REF_MNIST, sgd=dict(ZO_SGD, eta=0.01)),
+                      eps=0.3, reference=REF_MNIST, sgd=ZO_SGD),
+}
+
+
+CURVE = (500, 1000, 2000, 5000, 10_000)
+KEYS = {  # short key -> table label
+    "ref": "zo_ngd (reference settings)",
+    "ngd": "zo_ngd (tuned, hinge)",
+    "nll": "zo_ngd-nll (ours)",
+    "sgd": "zo_sgd",
+    "nes": "nes",
+    "square": "square",
 }
 
 
 def attack_specs(setting: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Label -> attack config; every score-based attack runs until success or the budget."""
-    specs = {
-        "zo_ngd (reference settings)": setting["reference"],
-        "zo_ngd (tuned, hinge)": TUNED_HINGE,
-        "zo_ngd-nll (ours)": TUNED_NLL,
-        "zo_sgd": setting["sgd"],
-        "nes": NES,
-        "square": SQUARE,
-    }
+    """Short key -> attack config; every score-based attack runs until success or the budget."""
+    specs = {"ref": setting["reference"], "ngd": TUNED_HINGE, "nll": TUNED_NLL, "sgd": setting["sgd"],
+             "nes": NES, "square": SQUARE}
     out = {}
-    for label, spec in specs.items():
+    for key, spec in specs.items():
         spec = dict(spec, budget=BUDGET)
         if spec["name"] != "square":
             spec["iterations"] = None
-        out[label] = spec
+        out[key] = spec
     return out
 
 
@@ -141,6 +146,7 @@ def fmt(v: float, digits: int = 0) -> str:
 
 def table(setting_name: str, res: dict[str, Any]) -> str:
     """Markdown table of one setting, with ratios to the tuned hinge ZO-NGD."""
+    res = dict(res, attacks={lab: res["attacks"][lab] for lab in KEYS.values() if lab in res["attacks"]})
     ref = res["attacks"].get("zo_ngd (tuned, hinge)", {}).get("summary", {})
     ref_med = ref.get("median_queries", float("nan"))
     lines = [
@@ -159,6 +165,20 @@ def table(setting_name: str, res: dict[str, Any]) -> str:
             f"| {fmt(s['mean_queries'])} | {fmt(ratio, 2)} | {s['failures_at_budget']} "
             f"| {fmt(s['mean_linf_success'], 4)} / {fmt(s['mean_l2_success'], 2)} | {fmt(s['wall_s'])} |"
         )
+    # success within b queries (attacks stop at success, so success & queries <= b); and the median
+    # over the samples every attack in the table broke, which compares medians on equal footing
+    succ = {k: np.array(v["records"]["success"], bool) for k, v in res["attacks"].items()}
+    qs = {k: np.array(v["records"]["queries"]) for k, v in res["attacks"].items()}
+    pool = [v for k, v in succ.items() if k != KEYS["ref"]]
+    common = np.logical_and.reduce(pool) if pool else np.array([], bool)
+    lines += ["", f"Success within b queries, and median queries over the {int(common.sum())} samples "
+              "that every attack except the reference-settings run broke:", "",
+              "| attack | " + " | ".join(f"<= {b:,}" for b in CURVE) + " | median on common |",
+              "|---|" + "---|" * (len(CURVE) + 1)]
+    for label in res["attacks"]:
+        within = [f"{np.mean(succ[label] & (qs[label] <= b)):.1%}" for b in CURVE]
+        med = float(np.median(qs[label][common])) if common.any() and label != KEYS["ref"] else float("nan")
+        lines.append(f"| {label} | " + " | ".join(within) + f" | {fmt(med)} |")
     lines += ["", f"Command: `{res['command']}`; seed {res['seed']}; batch {res['batch']}; "
               f"{res['threads']} CPU thread(s); {res['device']}.", ""]
     return "\n".join(lines)
@@ -170,7 +190,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1000, help="use the first N test images (correct ones are attacked)")
     parser.add_argument("--batch", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--attacks", nargs="*", default=None, help="labels to run (default: all)")
+    parser.add_argument("--attacks", nargs="*", choices=sorted(KEYS), default=None,
+                        help="run only these (results merge into the setting's earlier run with the same n)")
     args = parser.parse_args()
     if not SHARED.exists():
         sys.exit(f"{SHARED} not found: the benchmark needs ../shared (real data and models)")
@@ -191,9 +212,10 @@ def main() -> None:
         "command": "OMP_NUM_THREADS=%d python bench/bench_zo.py %s" % (threads, " ".join(sys.argv[1:])),
         "attacks": {},
     }
-    for label, spec in attack_specs(setting).items():
-        if args.attacks and label not in args.attacks and spec["name"] not in args.attacks:
+    for key, spec in attack_specs(setting).items():
+        if args.attacks and key not in args.attacks:
             continue
+        label = KEYS[key]
         out = run_attack(model, spec, x, y, threat, args.batch, args.seed)
         res["attacks"][label] = out
         s = out["summary"]
@@ -203,6 +225,12 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "zo.json"
     allres = json.loads(path.read_text()) if path.exists() else {}
+    previous = allres.get(args.setting, {})
+    if args.attacks and previous.get("n") == args.n and previous.get("seed") == args.seed:
+        # a partial run (--attacks) adds to the same setting's earlier results, in the KEYS order
+        merged = {**previous.get("attacks", {}), **res["attacks"]}
+        res["attacks"] = {lab: merged[lab] for lab in KEYS.values() if lab in merged}
+        res["command"] = previous.get("command", "") + " ; " + res["command"]
     allres[args.setting] = res
     atomic_write_json(path, allres)
     md = ["# Black-box benchmark: ZO-NGD vs ZO-SGD, NES, Square (bench/bench_zo.py)", "",

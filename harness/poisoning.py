@@ -15,7 +15,10 @@ directories by `harness.poison_board`.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -94,11 +97,16 @@ def plan(cfg: dict[str, Any]) -> tuple[RunDir, dict[str, Any], torch.device]:
     return RunDir.for_config(work_dir, RUN_KIND, semantic), semantic, device
 
 
-def load_splits(cfg: dict[str, Any]):
-    """The dataset with the configured deterministic train/test subsets."""
+@lru_cache(maxsize=2)
+def _load(cfg_json: str):
     from harness.datasets import load_dataset
 
-    data = load_dataset(dict(cfg.get("dataset") or {"name": "mnist5k"}))
+    return load_dataset(json.loads(cfg_json))
+
+
+def load_splits(cfg: dict[str, Any]):
+    """The dataset with the configured deterministic train/test subsets (never mutated: cached)."""
+    data = _load(json.dumps(dict(cfg.get("dataset") or {"name": "mnist5k"}), sort_keys=True, default=str))
     if data.train_x is None:
         raise UserError(f"dataset {data.name!r} has no training split; the poisoning track needs one (mnist5k, fashion_mnist, cifar10, ...)")
     train_n, test_n = cfg.get("train_n"), cfg.get("test_n")
@@ -108,7 +116,7 @@ def load_splits(cfg: dict[str, Any]):
     if test_n is not None and test_n < len(data.test_y):
         n = int(test_n)
         assert data.test_ids is not None
-        data.test_x, data.test_y, data.test_ids = data.test_x[:n], data.test_y[:n], data.test_ids[:n]
+        data = dataclasses.replace(data, test_x=data.test_x[:n], test_y=data.test_y[:n], test_ids=data.test_ids[:n])
     return data
 
 
@@ -159,7 +167,7 @@ def run_poison(cfg: dict[str, Any], overrides: list[str] | None = None, log=prin
     train = dict(info.get("train") or {})
 
     pred = predictions(model, test_x, device)
-    final_acc = float((pred == test_y).float().mean()) if len(test_y) else float("nan")
+    final_acc = int((pred == test_y).sum()) / len(test_y) if len(test_y) else float("nan")
     history = [dict(h) for h in train.get("history") or []]
     curve_ok = bool(history) and all(h.get("test_n") == float(len(test_y)) and "test_acc" in h for h in history)
     if curve_ok and abs(history[-1]["test_acc"] - final_acc) > 1e-9:

@@ -284,6 +284,7 @@ def test_randomized_suite_config_holds_the_four_attacks():
     assert build_defense(cfg["defense"]).describe()["channels"] == [3]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("switching", ["batch", "sample"])
 def test_randomized_run_reports_mean_majority_worst_in_order(tmp_path, switching):
     """A real `arena eval` of AdvMS under the randomized suite (shrunk): decisions over R draws,

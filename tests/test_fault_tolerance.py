@@ -26,6 +26,7 @@ import pytest
 import torch
 
 import harness.access
+import harness.atomic
 import harness.checkpoints
 import harness.evaluate
 import harness.leaderboard
@@ -92,7 +93,7 @@ def kill_mid_write(n: int, only: str) -> None:
     """The n-th atomic write whose path contains `only`: write the bytes, cut them in half, SIGKILL
     before fsync and rename (what a kill during a large write leaves behind)."""
     calls = [0]
-    for module in (harness.store, harness.leaderboard, harness.checkpoints):
+    for module in (harness.atomic, harness.store, harness.leaderboard, harness.checkpoints):
         original = module.atomic_write
 
         def patched(path, write, _original=original):
@@ -247,6 +248,7 @@ def test_sigkill_at_random_points_then_rerun_gives_identical_board(tmp_path, ref
         assert all(after.get(p) == ino for p, ino in before.items()), "a finished batch was rewritten"
         kept_batches.update(before)
         check_invariants(work, ref_work, ref_runs)
+    print(f"{len(kills)} SIGKILLs in {attempts} attempts (site, point): {kills}")
     assert len(kills) >= 10, f"only {len(kills)} kills landed: {kills}"
     assert {"train", "attack", "write", "board"} <= {s for s, _ in kills}, kills
 

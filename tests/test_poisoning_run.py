@@ -23,23 +23,25 @@ from harness.poisoning import run_poison, stratified_subset
 CPU = torch.device("cpu")
 
 
-def cfg(tmp_path, poison: str, defense: str = "standard", seed: int = 0, **extra) -> dict:
-    train = {"epochs": 3, "batch_size": 32, "optimizer": "adam", "lr": 0.003, "weight_decay": 0.0}
+def cfg(tmp_path, poison: str, defense: str = "standard", seed: int = 0, train_n: int = 300, epochs: int = 2,
+        **extra) -> dict:
+    train = {"epochs": epochs, "batch_size": 32, "optimizer": "adam", "lr": 0.003, "weight_decay": 0.0}
     return {
         "dataset": {"name": "mnist5k"}, "model": {"name": "small_cnn", "width": 16, "hidden": 64},
         "poison": {"name": poison, **extra}, "defense": {"name": defense, "train": train},
-        "seed": seed, "train_n": 600, "test_n": 400, "work_dir": str(tmp_path), "device": "cpu", "progress": False,
+        "seed": seed, "train_n": train_n, "test_n": 200, "work_dir": str(tmp_path), "device": "cpu", "progress": False,
     }
 
 
 @pytest.mark.slow
 def test_a_poison_lowers_clean_accuracy_of_standard_training_on_real_digits(tmp_path):
-    clean = run_poison(cfg(tmp_path, "none"), log=lambda m: None)
-    poisoned = run_poison(cfg(tmp_path, "ops"), log=lambda m: None)
+    # LSP at the grey-data budget (6/255 x 3.1875 per pixel, see docs/poisoning.md) on real digits
+    clean = run_poison(cfg(tmp_path, "none", train_n=600, epochs=4), log=lambda m: None)
+    poisoned = run_poison(cfg(tmp_path, "lsp", train_n=600, epochs=4, pixel_eps=0.075), log=lambda m: None)
     assert clean["final_test_acc"] > 0.75
-    # the shortcut is learned instead of the digits: training accuracy on the poisoned data stays
-    # high while clean test accuracy falls
-    assert poisoned["train_acc_poisoned_data"] > 0.9
+    # the shortcut is learned instead of the digits: the poisoned training data is fitted while
+    # clean test accuracy falls far below clean training's
+    assert poisoned["train_acc_poisoned_data"] > 0.95
     assert clean["final_test_acc"] - poisoned["final_test_acc"] > 0.15
 
 
@@ -52,13 +54,13 @@ def test_runner_records_skip_and_board(tmp_path):
                 "train_backward_passes", "poison_wall_s"):
         assert key in first
     assert first["best_from_curve"] and first["best_test_acc"] >= first["final_test_acc"]
-    assert first["n_train"] == 600 and first["n_test"] == 400 and first["n_poisoned"] == 600
+    assert first["n_train"] == 300 and first["n_test"] == 200 and first["n_poisoned"] == 300
     runs = sorted((tmp_path / "poison-runs").iterdir())
     assert len(runs) == 3 and all((r / "DONE").is_file() for r in runs)
     samples = pd.read_parquet(runs[0] / "samples.parquet")
-    assert list(samples.columns) == ["sample_id", "label", "pred", "correct"] and len(samples) == 400
+    assert list(samples.columns) == ["sample_id", "label", "pred", "correct"] and len(samples) == 200
     history = pd.read_csv(runs[0] / "history.csv")
-    assert list(history["epoch"]) == [0, 1, 2] and "test_acc" in history
+    assert list(history["epoch"]) == [0, 1] and "test_acc" in history
 
     again = run_poison(cfg(tmp_path, "lsp", seed=0), log=logs.append)  # finished: skipped, same summary
     assert "already finished" in logs[-1] and again == first

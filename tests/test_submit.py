@@ -19,6 +19,8 @@ import torch
 import yaml
 
 from harness.bundle import CardError, load_bundle, validate_card
+from harness.classifier import Classifier
+from harness.errors import UserError
 from harness.hashing import file_sha256
 from harness.submit import Rejection, SubmitOptions, submit
 
@@ -42,6 +44,7 @@ def trained(tmp_path_factory) -> tuple[dict[str, torch.Tensor], float]:
     from harness.training import TrainConfig, accuracy, train
 
     data = load_dataset({"name": "mnist5k"})
+    torch.manual_seed(0)  # the initial weights too: the same model on every run
     net = SmallCNN(1, 10, width=8, hidden=32)
     train(net, data.train_x, data.train_y, TrainConfig(epochs=3, batch_size=32, optimizer="adam", lr=0.003, weight_decay=0.0),
           device=torch.device("cpu"), seed=0, progress=False)
@@ -56,11 +59,12 @@ def make_bundle(tmp_path_factory, trained):
     root = tmp_path_factory.mktemp("bundles")
     state, acc = trained
 
-    def make(name: str, **card_changes) -> Path:
-        dst = root / f"{name}-{len(list(root.iterdir()))}"
-        shutil.copytree(BUNDLES / name, dst)
+    def make(example: str, **card_changes) -> Path:
+        dst = root / f"{example}-{len(list(root.iterdir()))}"
+        shutil.copytree(BUNDLES / example, dst)
         module = _import(dst / "model.py", f"bundle_{dst.name.replace('-', '_')}").create()
-        module.net.load_state_dict(state)
+        for part in getattr(module, "members", None) or [module.net]:
+            part.load_state_dict(state)
         torch.save(module.state_dict(), dst / "weights.pt")
         text = (dst / "defense.yaml").read_text()
         text = text.replace("FILLED_IN_BY_THE_TEST", file_sha256(dst / "weights.pt")).replace("CLEAN_ACCURACY", f"{100 * acc:.1f}")
@@ -177,6 +181,56 @@ def test_declared_randomness_must_be_observed(make_bundle, tmp_path):
     with pytest.raises(Rejection) as exc:
         submit(make_bundle("clean", randomized=True), _opts(tmp_path, check_only=True), log=lambda s: None)
     assert exc.value.check == "contract" and "randomized: true" in str(exc.value)
+
+
+def test_declared_randomized_bundle_is_accepted_for_the_randomized_suite(make_bundle, tmp_path):
+    """Declared randomness passes the contract; clean accuracy is the mean over draws."""
+    from harness.datasets import load_dataset, select_eval
+
+    bundle = make_bundle("randomized", randomized=True, name="test-randomized-declared")
+    model = _import(bundle / "model.py", "randomized_check").create()
+    model.load_state_dict(torch.load(bundle / "weights.pt", weights_only=True))
+    _, x, y = select_eval(load_dataset({"name": "mnist5k"}), 200)
+    torch.manual_seed(123)
+    with torch.no_grad():
+        acc = sum(float((model.eval()(x.float() / 255).argmax(1) == y).float().mean()) for _ in range(10)) / 10
+    card = yaml.safe_load((bundle / "defense.yaml").read_text())
+    card["clean_accuracy"] = round(100 * acc, 1)
+    (bundle / "defense.yaml").write_text(yaml.safe_dump(card))
+    result = submit(bundle, _opts(tmp_path, suite=None, check_only=True), log=lambda s: None)
+    assert result.suite == "submission_randomized"
+    assert abs(result.clean["measured"] - 100 * acc) < 6.0  # two estimates over 10 noise draws each (s.e. ~1.5 points)
+
+
+def test_ensemble_bundle_gets_the_ensemble_suite(make_bundle, tmp_path):
+    result = submit(make_bundle("ensemble"), _opts(tmp_path, suite=None, check_only=True), log=lambda s: None)
+    assert result.suite == "submission_ensemble"
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"ensemble": {"members": 3, "aggregation": "softmax"}}, "has 2 members"),
+    ({"ensemble": {"members": 2, "aggregation": "logits"}}, "aggregated by 'softmax'"),
+    ({"ensemble": None}, "declares ensemble: null"),
+])
+def test_ensemble_structure_must_match_the_card(make_bundle, change, message):
+    from defenses.checkpoint import Checkpoint
+    from harness.submit import check_contract
+
+    bundle = load_bundle(make_bundle("ensemble"))
+    card = {**bundle.card, **change}
+    clf = Classifier(Checkpoint(str(bundle.model_file), str(bundle.weights_file)).build(_ctx()).module, 10, (1, 28, 28))
+    with pytest.raises(UserError) as exc:
+        check_contract(clf, torch.rand(16, 1, 28, 28), card)
+    assert message in str(exc.value)
+
+
+def _ctx():
+    from types import SimpleNamespace
+
+    from defenses.base import BuildContext
+
+    data = SimpleNamespace(num_classes=10, input_shape=(1, 28, 28))
+    return BuildContext(data=data, model_cfg={}, device=torch.device("cpu"), seed=0, cache_dir=Path("."))
 
 
 class _Payload:

@@ -131,9 +131,13 @@ def register_poison(name: str):
 
 
 def build_poison(spec: dict[str, Any]) -> Poison:
-    """Instantiate a poison from its config mapping (`name`, optional `ratio`, parameters)."""
+    """Instantiate a poison from its config mapping (`name`, optional `ratio` and `label`, parameters).
+
+    `label` only names a variant on the leaderboard (e.g. a non-default budget); it changes nothing.
+    """
     spec = dict(spec or {})
     name = spec.pop("name", None)
+    spec.pop("label", None)
     if name not in REGISTRY:
         raise choices_error("poison", name, list(REGISTRY))
     ratio = spec.pop("ratio", 1.0)
@@ -147,7 +151,7 @@ def build_poison(spec: dict[str, Any]) -> Poison:
     params = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
     for key in spec:
         if key not in params:
-            raise UserError(f"poison {name!r} has no parameter {key!r}; valid parameters: {', '.join(['ratio', *params])}")
+            raise UserError(f"poison {name!r} has no parameter {key!r}; valid parameters: {', '.join(['ratio', 'label', *params])}")
     poison = cls(**spec)
     poison.ratio = ratio
     return poison

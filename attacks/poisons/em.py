@@ -37,7 +37,7 @@ class EM(Poison):
 
     def __init__(self, eps: float = 8 / 255, steps: int = 5, step_size: float | None = None, train_steps: int = 10,
                  lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 5e-4, grad_clip: float = 5.0,
-                 batch_size: int = 128, stop_acc: float = 0.99, max_rounds: int = 30, init: str = "zeros",
+                 batch_size: int = 128, stop_acc: float = 0.99, max_rounds: int = 10, init: str = "zeros",
                  surrogate: dict[str, Any] | None = None) -> None:
         if not 0 < float(eps) <= 1:
             raise UserError(f"poison.eps={eps} must be in (0, 1] (L-inf, [0,1] pixel units; 8/255 = 0.0314 in the reference)")
