@@ -64,5 +64,12 @@ class Checkpoint(Defense):
             info["weights_sha256"] = file_sha256(Path(self.weights).expanduser())
         elif not self.model_file:
             raise UserError("defense=checkpoint needs defense.weights=FILE (and optionally defense.model_file=FILE.py)")
+        info["parameters"] = sum(p.numel() for p in module.parameters())
+        from harness.ensemble import Ensemble, make_classifier
+
+        if isinstance(module, Ensemble):  # voting ensembles need their differentiable proxy
+            return make_classifier(module, module.mode, ctx.data.num_classes, ctx.data.input_shape,
+                                   tie_break=module.tie_break, randomized=self.randomized, info=info).to(ctx.device)
         return Classifier(module.to(ctx.device).eval(), ctx.data.num_classes, ctx.data.input_shape,
                           randomized=self.randomized, info=info)
+

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from defenses.base import BuildContext, Defense, register
@@ -36,7 +37,9 @@ def train_defended(
             f"defense {defense.name!r} trains a model but dataset {data.name!r} has no training split; "
             f"use a dataset with one (mnist5k, digits, cifar10, ...) or defense=checkpoint"
         )
-    module = module if module is not None else build_model(ctx.model_cfg, data.num_classes, data.input_shape)
+    if module is None:
+        torch.manual_seed(ctx.seed)  # initial weights are part of what the cache key promises
+        module = build_model(ctx.model_cfg, data.num_classes, data.input_shape)
     key = stable_hash({
         "defense": defense.name, "params": defense.describe(), "model": ctx.model_cfg,
         "data": data.fingerprint(), "seed": ctx.seed, "device_type": ctx.device.type,

@@ -38,6 +38,9 @@ def load_weights(path: Path | str) -> Any:
             raise UserError(f"checkpoint {str(path)!r} is truncated or corrupt (bad zip archive); download or save it again") from None
         if bad is not None:
             raise UserError(f"checkpoint {str(path)!r} is corrupt (member {bad!r} fails its CRC); download or save it again")
+    elif head[:1] != b"\x80":  # neither torch.save's zip archive nor its legacy pickle (protocol byte 0x80)
+        raise UserError(f"checkpoint {str(path)!r} is not a PyTorch weights file (neither a zip archive nor a pickle); "
+                        f"save the weights with torch.save(model.state_dict(), path)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError for arbitrary objects, EOF for truncation
@@ -65,6 +68,14 @@ def extract_state_dict(obj: Any) -> dict[str, torch.Tensor]:
 def load_into(module: nn.Module, path: Path | str) -> nn.Module:
     """Load a weights file into `module` strictly, naming missing/unexpected keys on mismatch."""
     state = extract_state_dict(load_weights(path))
+    own = module.state_dict()
+    wrong = [k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if wrong:  # load_state_dict raises a multi-line RuntimeError for these, even with strict=False
+        k = wrong[0]
+        raise UserError(
+            f"checkpoint {str(path)!r} does not fit the model: {len(wrong)} tensors differ in shape, e.g. {k} is "
+            f"{tuple(state[k].shape)} in the file but {tuple(own[k].shape)} in the model; check model= / defense.model_file"
+        )
     result = module.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise UserError(

@@ -41,8 +41,8 @@ def board_main(argv: list[str]) -> int:
     from harness.report import print_board
 
     p = argparse.ArgumentParser(prog="arena board", description="Build or browse the leaderboards.")
-    p.add_argument("action", nargs="?", default="show", choices=["show", "build", "html"])
-    p.add_argument("out", nargs="?", help="output file for `html`")
+    p.add_argument("action", nargs="?", default="show", choices=["show", "build", "html", "plot"])
+    p.add_argument("out", nargs="?", help="output file for `html`, output directory for `plot`")
     p.add_argument("--track", default="evasion", choices=["evasion", "poisoning"])
     p.add_argument("--work-dir", action="append", type=Path, help="work dir(s) with runs/ (default ./arena-work)")
     p.add_argument("--csv", type=Path, help="leaderboard CSV (default <work-dir>/leaderboard/<track>.csv)")
@@ -51,6 +51,7 @@ def board_main(argv: list[str]) -> int:
     p.add_argument("--ascending", action="store_true")
     p.add_argument("--columns", help="comma-separated columns to show")
     p.add_argument("--matrix", action="store_true", help="poisoning: show the poison x defense matrix")
+    p.add_argument("--attacks", action="store_true", help="evasion: add a robust-accuracy column after each attack")
     args = p.parse_args(argv)
     work_dirs = args.work_dir or [Path("arena-work")]
     csv = args.csv or work_dirs[0] / "leaderboard" / f"{args.track}.csv"
@@ -76,6 +77,13 @@ def board_main(argv: list[str]) -> int:
             if col not in df.columns:
                 raise UserError(f"--{col} does not apply to the {args.track} leaderboard")
             df = df[df[col].astype(str) == value]
+    if args.action == "plot":
+        if not args.out:
+            raise UserError("arena board plot needs an output directory: arena board plot OUT_DIR")
+        plots = importlib.import_module("harness.plots")
+        for path in plots.write_plots(work_dirs, Path(args.out), board=df):
+            print(f"wrote {path}")
+        return 0
     if args.action == "html":
         if not args.out:
             raise UserError("arena board html needs an output file: arena board html OUT.html")
@@ -88,6 +96,14 @@ def board_main(argv: list[str]) -> int:
         raise UserError(f"--sort {sort!r} is not a column; choose one of: {', '.join(df.columns)}")
     df = df.sort_values(sort, ascending=args.ascending, kind="stable")
     cols = args.columns.split(",") if args.columns else [c for c in BOARD_VIEW if c in df.columns] or list(df.columns)
+    if args.track == "evasion" and not args.columns:
+        board_html = importlib.import_module("harness.board_html")
+        df = df.assign(flags=df.apply(board_html.flags_text, axis=1))
+        cols = [c for c in cols if c not in ("randomized", "masking_suspected")] + ["flags"]
+        if args.attacks:
+            before = set(df.columns)
+            df = board_html.expand_cascade(df)
+            cols += [c for c in df.columns if c not in before]
     missing = [c for c in cols if c not in df.columns]
     if missing:
         raise UserError(f"--columns {missing} not in the leaderboard; choose from: {', '.join(df.columns)}")

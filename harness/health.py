@@ -457,6 +457,7 @@ def attack_checks(clf: Classifier, x: torch.Tensor, y: torch.Tensor, ids: torch.
 
     def status(k: int) -> str:
         return extra_success_status(max(0, k - floor), m, cfg)
+
     curves["eps_sweep"] = {"eps": [threat.eps * f if threat.norm != "Linf" else min(threat.eps * f, 1.0) for f in factors],
                            "robust_acc": [float((correct.sum() - sweep[f].fooled.sum()) / n) for f in factors]}
     share = m / n  # probe curves are over the clean-correct samples; stored as robust accuracy over the subset

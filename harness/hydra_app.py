@@ -52,13 +52,14 @@ def _override_values(override: Any) -> list[Any]:
     if override.is_sweep_override():
         try:
             return list(override.sweep_iterator())
-        except Exception:
-            return [override.get_value_element_as_str()]
+        except Exception:  # interval(): only an optimising sweeper (Optuna, Nevergrad) can draw from it
+            raise UserError(f"{override.input_line} cannot be listed; give the values (a,b,c or range(0,10,2)) "
+                            f"or use a sweeper that samples intervals") from None
     return [override.value()]
 
 
-def validate_overrides(config_name: str, overrides: list[str]) -> None:
-    """Raise `UserError` for any override Hydra would reject, one line each."""
+def validate_overrides(config_name: str, overrides: list[str], multirun: bool = True) -> None:
+    """Raise `UserError` for any override Hydra would reject, one line each (`multirun`: -m given)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException, OverrideParseException
@@ -83,19 +84,65 @@ def validate_overrides(config_name: str, overrides: list[str]) -> None:
     # compose once per swept value (others at their first value) to catch unknown keys and bad types
     bases = [ov.input_line for ov in parsed if not ov.is_sweep_override()]
     sweeps = [ov for ov in parsed if ov.is_sweep_override()]
+    if sweeps and not multirun:
+        s = sweeps[0]
+        raise UserError(f"{s.input_line} sweeps over several values; add -m to run one job per value "
+                        f"(or write a list as {s.get_key_element()}=[a,b], a string as {s.get_key_element()}='a,b')")
     combos = [bases + [f"{s.get_key_element()}={_fmt(_override_values(s)[0])}" for s in sweeps]]
     for i, s in enumerate(sweeps):
         for v in _override_values(s)[1:]:
             combo = list(combos[0])
             combo[len(bases) + i] = f"{s.get_key_element()}={_fmt(v)}"
             combos.append(combo)
+    defaults_cache: dict[tuple[str, ...], Any] = {}
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         for combo in combos:
             try:
                 compose(config_name=config_name, overrides=combo)
+                # values must have the type of the default they replace (no traceback deep in a job)
+                items = OverridesParser.create().parse_overrides(combo)
+                groups = tuple(o.input_line for o in items if (CONF_DIR / o.key_or_group).is_dir())
+                if groups not in defaults_cache:
+                    defaults_cache[groups] = compose(config_name=config_name, overrides=list(groups))
             except (HydraException, ValueError, KeyError) as exc:
                 msg = " ".join(str(exc).split())
                 raise UserError(f"bad override in {' '.join(combo)!r}: {msg[:300]}") from None
+            _check_types(defaults_cache[groups], items)
+
+
+_UNSET = object()
+
+
+def _check_types(defaults: DictConfig, items: list[Any]) -> None:
+    """`key=value` whose value cannot stand for the key's default (e.g. batch_size=abc) -> UserError.
+
+    null is accepted (it means "none/all" for several keys; consumers check it), as are added
+    keys (+key=...), keys whose default is null or missing, strings for string defaults and
+    interpolations (typed only once resolved).
+    """
+    for ov in items:
+        key = ov.key_or_group
+        if ov.is_add() or ov.is_delete() or key.startswith("hydra") or (CONF_DIR / key).is_dir():
+            continue
+        value = ov.value()
+        default = OmegaConf.select(defaults, key, default=_UNSET, throw_on_missing=False)
+        if value is None or default is None or default is _UNSET or (isinstance(value, str) and "${" in value):
+            continue
+        if isinstance(default, bool):
+            ok, want = isinstance(value, bool), "true or false"
+        elif isinstance(default, int):
+            ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
+        elif isinstance(default, float):
+            ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+        elif OmegaConf.is_list(default):
+            ok, want = isinstance(value, list), "a list such as [a,b]"
+        elif OmegaConf.is_dict(default):
+            ok, want = isinstance(value, dict), "a mapping such as {k:v}"
+        else:
+            ok, want = not isinstance(value, (list, dict)), "a single value"
+        if not ok:
+            shown = OmegaConf.to_container(default) if OmegaConf.is_config(default) else default
+            raise UserError(f"{key}={_fmt(value)} must be {want} (default: {_fmt(shown)})")
 
 
 def _fmt(value: Any) -> str:
@@ -140,10 +187,10 @@ def run_hydra_app(config_name: str, task: Callable[[DictConfig], Any], argv: lis
     """Validate `argv`, then run `task` under Hydra (`@hydra.main` semantics, incl. -m and --help)."""
     import hydra
 
-    overrides, _, introspect = split_args(argv)
+    overrides, multirun, introspect = split_args(argv)
     try:
         if not introspect or "--cfg" in argv or "-c" in argv:
-            validate_overrides(config_name, overrides)
+            validate_overrides(config_name, overrides, multirun=multirun)
     except UserError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2

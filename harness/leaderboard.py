@@ -58,7 +58,8 @@ def _row(run: RunDir, manifest: dict[str, Any], summary: dict[str, Any], samples
     return {
         "defense": name,
         "defense_id": f"{defense_cfg.get('name')}-{stable_hash(defense_identity(manifest), 8)}",
-        "model": (cfg.get("model") or {}).get("name") if not defense_cfg.get("model_file") else "model_file",
+        "model": ((manifest.get("card") or {}).get("architecture")
+                  or ((cfg.get("model") or {}).get("name") if not defense_cfg.get("model_file") else "model_file")),
         "dataset": (cfg.get("dataset") or {}).get("label") or (cfg.get("dataset") or {}).get("name"),
         "threat": f"{threat['norm']}-{threat['eps']:.4g}",
         "norm": threat["norm"], "eps": threat["eps"],
@@ -87,7 +88,7 @@ def _row(run: RunDir, manifest: dict[str, Any], summary: dict[str, Any], samples
         "harness_version": (manifest.get("versions") or {}).get("robustarena", __version__),
         "git": manifest.get("git", "unknown"),
         "finished": summary.get("finished", ""),
-        "command": _command(manifest),
+        "command": manifest.get("submit_command") or _command(manifest),
     }
 
 

@@ -35,6 +35,9 @@ COLUMNS = [
     "train_time_s", "train_forward_per_sample", "train_backward_per_sample", "poison_time_s",
     "device_type", "config_hashes", "harness_version", "git", "finished", "command",
 ]
+# The columns `arena board --track poisoning` shows by default (the CSV has all of COLUMNS).
+VIEW_COLUMNS = ["poison", "defense", "dataset", "model", "ratio", "n_seeds", "final_acc_mean", "final_acc_std",
+                "best_acc_mean", "train_acc_mean", "clean_acc", "acc_drop", "epochs", "n_train", "train_time_s"]
 POISON_ORDER = ["none", "lsp", "ar", "ops", "em"]
 DEFENSE_ORDER = ["standard", "ueraser_lite", "ueraser", "ueraser_max", "pgd_at", "iss_jpeg", "iss_gray", "iss_bdr",
                  "cutout", "mixup", "cutmix"]

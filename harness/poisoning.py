@@ -122,6 +122,7 @@ def load_splits(cfg: dict[str, Any]):
 
 @torch.no_grad()
 def predictions(model: torch.nn.Module, x: torch.Tensor, device: torch.device, batch_size: int = 500) -> torch.Tensor:
+    """Predicted labels (CPU) of `model` in eval mode on uint8 images."""
     model.eval()
     out = [model(to_unit(x[i:i + batch_size], device)).argmax(1).cpu() for i in range(0, len(x), batch_size)]
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from harness.board_html import expand_cascade, render_html, write_html
+from harness.board_html import expand_cascade, write_html
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "chrome")
 

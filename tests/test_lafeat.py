@@ -186,6 +186,7 @@ def test_head_training_keeps_the_model_frozen_and_uses_eval_inputs_without_train
         assert torch.equal(v, before[k]), f"{k} changed during head training"
 
 
+@pytest.mark.slow
 def test_head_agrees_with_default_model_and_is_cached(prepared, default_model, mnist):
     facts, attack, cache = prepared
     assert facts["head_data"] == "train split" and facts["lafeat_layer"] == "conv2"
@@ -227,15 +228,16 @@ def _with_head(prepared, **params) -> Lafeat:
     return attack
 
 
+@pytest.mark.slow
 def test_lafeat_is_at_least_as_strong_as_pgd_at_equal_gradient_evaluations(prepared, default_model, mnist):
-    x, y = _attack_setup(default_model, mnist)
-    threat = ThreatModel("Linf", 0.1)
-    lafeat = _with_head(prepared, iterations=10, betas=[0.4, 0.5, 0.3], targets=2, targeted_betas=[0.4])
+    x, y = _attack_setup(default_model, mnist, n=300)
+    threat = ThreatModel("Linf", 0.15)
+    lafeat = _with_head(prepared, iterations=20, betas=[0.4, 0.5], targets=3, targeted_betas=[0.4])
     result, fooled, counter = _run(lafeat, default_model, x, y, threat)
     budget = counter.backward
-    # PGD-10 (CE, random start) with as many restarts as it takes to spend at least that budget
-    restarts = math.ceil(budget / (10 * x.shape[0]))
-    pgd = build_attack({"name": "pgd", "steps": 10, "restarts": restarts})
+    # PGD-20 (CE, random start) with as many restarts as it takes to spend at least that budget
+    restarts = math.ceil(budget / (20 * x.shape[0]))
+    pgd = build_attack({"name": "pgd", "steps": 20, "restarts": restarts})
     pc = PassCounter()
     out = pgd.run(ModelAccess(CountingModule(default_model.module, pc), 10, pc), x, y, threat, torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -246,6 +248,7 @@ def test_lafeat_is_at_least_as_strong_as_pgd_at_equal_gradient_evaluations(prepa
     assert lafeat_robust <= pgd_robust, (float(lafeat_robust), float(pgd_robust), budget, pc.backward)
 
 
+@pytest.mark.slow
 def test_same_seed_same_per_sample_result_and_accounting(prepared, default_model, mnist):
     x, y = _attack_setup(default_model, mnist, n=60)
     threat = ThreatModel("Linf", 0.1)
