@@ -252,10 +252,10 @@ class Lafeat(Attack):
         head_epochs, head_batch_size, head_lr, head_weight_decay: head training (reference: 50 in
             the CLI, 100 in the README; 128; Adam 1e-3; 0).
         head_augment: auto | reference (crop+flip+AutoAugment) | crop_flip | crop | none.
-        iterations: gradient steps per untargeted run (reference CLI default 1, README 1000).
+        iterations: gradient steps per run (reference CLI default 1, README 1000; default 20).
         betas: untargeted beta schedule (None = the reference's 10 values).
         targets: target classes in the multi-targeted stage (reference 9; 0 = no targeted stage).
-        targeted_betas: betas of the targeted stage (None = `betas`).
+        targeted_betas: betas of the targeted stage (None = `betas`, as the reference; default [0.4]).
         targeted_iterations: steps per targeted run (None = `iterations`).
         restarts: random restarts per (beta, target) run (reference 1).
         batch_size: samples per run, taken in order of clean margin (reference CLI 500).
@@ -267,8 +267,8 @@ class Lafeat(Attack):
 
     def __init__(
         self, layer: str | None = None, head: str = "conv", head_epochs: int = 50, head_batch_size: int = 128,
-        head_lr: float = 1e-3, head_weight_decay: float = 0.0, head_augment: str = "auto", iterations: int = 100,
-        betas: list[float] | None = None, targets: int = 9, targeted_betas: list[float] | None = None,
+        head_lr: float = 1e-3, head_weight_decay: float = 0.0, head_augment: str = "auto", iterations: int = 20,
+        betas: list[float] | None = None, targets: int = 9, targeted_betas: list[float] | tuple[float, ...] | None = (0.4,),
         targeted_iterations: int | None = None, restarts: int = 1, batch_size: int = 500,
         order_by_margin: bool = True, eot: int = 1,
     ) -> None:

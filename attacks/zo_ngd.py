@@ -22,6 +22,13 @@ Fisher variants (`fisher`):
   sum_k p_k g_k g_k^T with every g_k estimated from the same q queries, solved through its rank-K
   structure.
 
+`loss="nll"` (ours, not a default) minimises log p_y instead of the hinge: the loss whose curvature
+the Fisher is, which turns the rank-one step into a Gauss-Newton step (see docs/zo_ngd.md for why).
+
+Per iteration the probes of all active samples go to the oracle in one call (A*q rows) and their
+updated points in a second (A rows); a single call cannot hold both, since the update depends on
+the probes' answers. Directions come from the evaluator's generator, drawn for the whole batch.
+
 The shared driver (`ZOAttack`) is also used by the baselines in `attacks.zo_baselines` (ZO-SGD, NES),
 so every score-based attack here shares one loop, one query accounting and one stopping rule.
 """

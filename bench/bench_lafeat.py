@@ -53,7 +53,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
 
 # Budgeted LAFEAT configs (see docs/lafeat.md: chosen to stay within 25 % of AutoAttack's
 # gradient evaluations on samples that survive everything).
-LAFEAT_BASE: dict[str, Any] = {"name": "lafeat", "head": "conv", "head_epochs": 100, "head_augment": "crop_flip"}
+LAFEAT_BASE: dict[str, Any] = {"name": "lafeat", "head": "conv", "head_epochs": 100, "head_augment": "auto"}
 LAFEAT_U: dict[str, Any] = {"iterations": 20, "targets": 0}
 LAFEAT_UT: dict[str, Any] = {"iterations": 20, "targets": 9, "targeted_betas": [0.4], "targeted_iterations": 20}
 

@@ -141,10 +141,28 @@ def build_slots(specs: list[dict[str, Any]]) -> list[AttackSlot]:
     return slots
 
 
+def int_setting(value: Any, name: str, example: int) -> int:
+    """An integer from the config (null or text -> one-line UserError, not a TypeError deep inside)."""
+    ok = isinstance(value, (int, float, str)) and not isinstance(value, bool)
+    if ok:
+        try:
+            number = float(value)
+            ok = number.is_integer()  # False for 2.5, nan and inf
+        except (ValueError, OverflowError):
+            ok = False
+    if not ok:
+        raise UserError(f"{name}={_show(value)} must be an integer (e.g. {name}={example})")
+    return int(number)
+
+
+def _show(value: Any) -> str:
+    return "null" if value is None else str(value)
+
+
 def plan_evaluation(cfg: dict[str, Any]) -> EvalPlan:
     """Validate the whole config and decide the run directory; writes nothing."""
-    seed = int(cfg.get("seed", 0))
-    batch_size = int(cfg.get("batch_size", 250))
+    seed = int_setting(cfg.get("seed", 0), "seed", 0)
+    batch_size = int_setting(cfg.get("batch_size", 250), "batch_size", 250)
     if batch_size <= 0:
         raise UserError(f"batch_size={batch_size} must be > 0 (e.g. batch_size=250)")
     device = resolve_device(str(cfg.get("device", "auto")))
@@ -159,7 +177,7 @@ def plan_evaluation(cfg: dict[str, Any]) -> EvalPlan:
     sl, shard = parse_shard(cfg.get("shard"), ids.shape[0], batch_size)
     ids, x, y = ids[sl], x[sl], y[sl]
     ev = dict(cfg.get("evaluator") or {})
-    draws = int(ev.get("draws", 10))
+    draws = int_setting(ev.get("draws", 10), "evaluator.draws", 10)
     if draws < 1:
         raise UserError(f"evaluator.draws={draws} must be >= 1")
     cascade = bool(ev.get("cascade", True))

@@ -60,9 +60,10 @@ def _params(spec: dict[str, Any], drop: tuple[str, ...]) -> str:
 
 def _labels(runs: pd.DataFrame, kind: str) -> pd.Series:
     """Names, with `#<params hash>` where one name appears with different parameters."""
-    variants = runs.groupby(f"{kind}_name")[f"{kind}_params"].nunique()
+    unlabelled = runs[runs[f"{kind}_label"] == ""]
+    variants = unlabelled.groupby(f"{kind}_name")[f"{kind}_params"].nunique()
     return runs.apply(lambda r: r[f"{kind}_label"] or (r[f"{kind}_name"] + (
-        f"#{r[f'{kind}_params']}" if variants[r[f'{kind}_name']] > 1 else "")), axis=1)
+        f"#{r[f'{kind}_params']}" if variants.get(r[f'{kind}_name'], 0) > 1 else "")), axis=1)
 
 
 def _command(manifest: dict[str, Any], seeds: list[int]) -> str:

@@ -98,6 +98,8 @@ CASES: list[tuple[str, Setup, str]] = [
     ("text for a number", ev("threat.eps=8/255"), E + "threat.eps=8/255 must be a number (default: 0.3)"),
     ("text for a boolean", ev("evaluator.cascade=maybe"), E + "evaluator.cascade=maybe must be true or false (default: True)"),
     ("bad type inside a sweep", ev("-m", "attack=pgd", "attack.steps=10,many"), E + "attack.steps=many must be an integer (default: 20)"),
+    ("null seed", ev("seed=null"), E + "seed=null must be an integer (e.g. seed=0)"),
+    ("null draws", ev("evaluator.draws=null"), E + "evaluator.draws=null must be an integer (e.g. evaluator.draws=10)"),
     ("zero batch size", ev("batch_size=0"), E + "batch_size=0 must be > 0 (e.g. batch_size=250)"),
     ("zero draws", ev("evaluator.draws=0"), E + "evaluator.draws=0 must be >= 1"),
     ("negative n_samples", ev("n_samples=-3"), E + "n_samples=-3 must be positive"),
@@ -159,7 +161,7 @@ CASES: list[tuple[str, Setup, str]] = [
     ("weights not a state dict", ev("defense.weights={f}", files={"f": weights("list.pt", lambda s: list(s.values()))}, base=CKPT),
      E + "checkpoint does not hold a state dict (a mapping of parameter names to tensors); save model.state_dict()"),
     ("weights of another width", ev("model.width=16", "defense.weights={f}", files={"f": weights("w32.pt")}, base=CKPT),
-     E + "checkpoint '{tmp}/w32.pt' does not fit the model: 6 tensors differ in shape, e.g. conv1.weight is (32, 1, 3, 3) "
+     E + "checkpoint '{tmp}/w32.pt' does not fit the model: 5 tensors differ in shape, e.g. conv1.weight is (32, 1, 3, 3) "
          "in the file but (16, 1, 3, 3) in the model; check model= / defense.model_file"),
     ("weights missing a layer", ev("defense.weights={f}", files={"f": weights("part.pt", lambda s: {k: v for k, v in s.items() if "fc2" not in k})},
                                    base=CKPT),
