@@ -25,9 +25,8 @@ the targeted stage without reweighing).
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
-
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F

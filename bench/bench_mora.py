@@ -7,6 +7,7 @@ for each ensemble and each mode (softmax, voting, logits), on the first N test i
 
   MORA          the default schedule (conf/attack/mora.yaml: 5 untargeted stages + 9 targets, 100 its)
   MORA-quirks   the same with reference_quirks=true (lafeat/mora's code as is)
+  MORA-1stage   (optional, --methods) the first untargeted stage only (s = 0.5, 100 iterations)
   APGD-CE       reference AutoAttack component (pyautoattack), 100 iterations, on the ensemble output
   AutoAttack    reference AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square 5,000): the APGD-CE
                 run above is its first component, the others run on its survivors (the cascade)
@@ -51,7 +52,7 @@ from harness.training import to_unit  # noqa: E402
 
 DEFENSES = ("ensemble", "adp", "gal", "dverge", "trs")
 MODES = ("softmax", "voting", "logits")
-METHODS = ("mora", "mora-quirks", "apgd-ce", "autoattack")
+METHODS = ("mora", "mora-quirks", "apgd-ce", "autoattack")  # also available: mora-1stage
 
 
 def conf(group: str, name: str) -> dict[str, Any]:
@@ -77,6 +78,8 @@ def run_method(method: str, clf: Classifier, x: torch.Tensor, y: torch.Tensor, t
     if method.startswith("mora"):
         spec = {k: v for k, v in conf("attack", "mora").items() if k != "name"}
         spec["reference_quirks"] = method == "mora-quirks"
+        if method == "mora-1stage":  # the first untargeted stage only (s = 0.5): the cheap end of the trade-off
+            spec.update(scales=[0.5], targeted=False)
         out = MORA(**spec).run(make_ensemble_access(clf, counter), x, y, threat, gen)
     else:
         access = ModelAccess(CountingModule(clf.differentiable, counter), clf.num_classes, counter)

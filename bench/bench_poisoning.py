@@ -51,6 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--work-dir", type=Path, default=ROOT / "arena-work" / "bench-poisoning")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--name", default="poisoning", help="results file stem: <out>/<name>.{json,md}")
     p.add_argument("--leaderboard", type=Path, default=None, help="also write the board CSV here (e.g. leaderboard/poisoning.csv)")
     p.add_argument("--jobs", type=int, default=1, help="run the seeds in this many parallel processes (one thread each)")
     p.add_argument("--report-only", action="store_true", help="no training: rebuild the report from the stored runs")
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                            "gap_to_clean": round(gap, 2), "recovery_target_met": (gap <= 5.0) if best_u else None,
                            "gap_to_same_defense_clean": round(own, 2)})
     command = "python bench/bench_poisoning.py " + " ".join(argv)
-    setting = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    setting = {k: (os.path.relpath(v, ROOT) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     print("\nclean test accuracy (%), final epoch, mean ± std over seeds", seeds)
     print(final.to_string())
     print("\ntargets: standard drop >= 20 points; best UEraser within 5 points of clean standard training")
@@ -193,11 +194,11 @@ def main(argv: list[str] | None = None) -> int:
         "targets": checks,
         "rows": json.loads(board.drop(columns=["git"]).to_json(orient="records")),
     }
-    (args.out / "poisoning.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     md = [
         "# Poisoning benchmark: poison x defense, clean test accuracy (%)", "",
         f"Command: `{command}`  ", f"Dataset {args.dataset}, {args.train_n} training / {args.test_n} test images, "
-        f"small_cnn, {args.epochs} epochs ({args.optimizer}, lr {args.lr}, batch {args.batch_size}), seeds {seeds}, "
+        f"small_cnn ({' '.join(args.extra)}), {args.epochs} epochs ({args.optimizer}, lr {args.lr}, batch {args.batch_size}), seeds {seeds}, "
         f"device {args.device}; wall time {wall:.0f} s.", "",
         "## Final epoch (mean ± std over seeds)", "", matrix_markdown(board, "final_acc"),
         "## Best epoch", "", matrix_markdown(board, "best_acc"),
@@ -211,8 +212,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{c['best_ueraser_acc']} | {c['gap_to_clean']} | { {True: 'yes', False: 'no', None: 'not run'}[c['recovery_target_met']] } | "
           f"{c['gap_to_same_defense_clean']} |" for c in checks], "",
     ]
-    (args.out / "poisoning.md").write_text("\n".join(md))
-    print(f"wrote {args.out / 'poisoning.json'} and {args.out / 'poisoning.md'}")
+    (args.out / f"{args.name}.md").write_text("\n".join(md))
+    print(f"wrote {args.out / (args.name + '.json')} and {args.out / (args.name + '.md')}")
     return 0
 
 

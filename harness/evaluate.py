@@ -262,7 +262,8 @@ def evaluate_batch(plan: EvalPlan, clf: Classifier, b: int, ids: torch.Tensor, x
         rows.append({"sample_id": ids_list[i], "label": y_list[i], "attack": "clean", "order": 0, "ran": True,
                      "correct_draws": int(clean_count[i]), "draws": n_draws, "success": False,
                      "pred": int(clean_pred[i]), "linf": 0.0, "l2": 0.0, "n_forward": 0.0, "n_backward": 0.0,
-                     "n_queries": 0, "time_s": 0.0, "violation": False, "stage": ""})
+                     "n_queries": 0, "time_s": 0.0, "violation": False, "stage": "",
+                     "budget_exhausted": False})
     for k, slot in enumerate(plan.slots, start=1):
         pool = (worst > 0) if plan.cascade else (clean_count > 0)
         idx = pool.nonzero().flatten()
@@ -285,6 +286,9 @@ def evaluate_batch(plan: EvalPlan, clf: Classifier, b: int, ids: torch.Tensor, x
             worst[idx] = torch.minimum(worst[idx], count)
             linf, l2 = threat.norms(x_adv, xs)
             queries = getattr(access, "queries", None)
+            exhausted = getattr(access, "exhausted", None)
+            if queries is not None and access.passes != access.total:
+                raise RuntimeError(f"{slot.label}: oracle passes {access.passes} != queries {access.total}")
             m = idx.numel()
             stage = out.stage or [""] * m
             for j, i in enumerate(idx.tolist()):
@@ -292,11 +296,12 @@ def evaluate_batch(plan: EvalPlan, clf: Classifier, b: int, ids: torch.Tensor, x
                               "pred": int(pred[j]), "linf": float(linf[j]), "l2": float(l2[j]),
                               "n_forward": counter.forward / m, "n_backward": counter.backward / m,
                               "n_queries": int(queries[j]) if queries is not None else 0,
-                              "time_s": elapsed / m, "violation": bool(bad[j]), "stage": str(stage[j])}
+                              "time_s": elapsed / m, "violation": bool(bad[j]), "stage": str(stage[j]),
+                              "budget_exhausted": bool(exhausted[j]) if exhausted is not None else False}
         for i in range(x.shape[0]):
             r = results.get(i) or {"ran": False, "correct_draws": -1, "success": False, "pred": -1, "linf": float("nan"),
                                    "l2": float("nan"), "n_forward": 0.0, "n_backward": 0.0, "n_queries": 0, "time_s": 0.0,
-                                   "violation": False, "stage": ""}
+                                   "violation": False, "stage": "", "budget_exhausted": False}
             rows.append({"sample_id": ids_list[i], "label": y_list[i], "attack": slot.label, "order": k, "draws": n_draws, **r})
     return pd.DataFrame(rows)
 

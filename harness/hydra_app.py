@@ -223,5 +223,12 @@ def run_hydra_app(config_name: str, task: Callable[[DictConfig], Any], argv: lis
 
 
 def to_plain(cfg: DictConfig) -> dict[str, Any]:
-    """Resolved plain-dict copy of a Hydra config."""
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    """Resolved plain-dict copy of a Hydra config (a broken ${...} reference is a `UserError`)."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        key = getattr(exc, "full_key", None)
+        raise UserError(f"cannot resolve {key or 'the config'}: {first}; fix or remove the ${{...}} reference") from None

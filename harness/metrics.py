@@ -57,6 +57,7 @@ def accuracies(samples: pd.DataFrame) -> dict[str, Any]:
             "median_queries_success": float(ran.loc[ran["success"], "n_queries"].median()) if ran["success"].any() else float("nan"),
             "time_s": float(ran["time_s"].sum()),
             "violations": int(ran["violation"].sum()),
+            "failures_at_budget": int((ran["budget_exhausted"] & ~ran["success"]).sum()) if "budget_exhausted" in ran else 0,
         }
     n = max(len(ps), 1)
     total_fwd = sum(a["n_forward"] for a in attacks.values())

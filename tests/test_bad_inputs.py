@@ -98,6 +98,8 @@ CASES: list[tuple[str, Setup, str]] = [
     ("text for a number", ev("threat.eps=8/255"), E + "threat.eps=8/255 must be a number (default: 0.3)"),
     ("text for a boolean", ev("evaluator.cascade=maybe"), E + "evaluator.cascade=maybe must be true or false (default: True)"),
     ("bad type inside a sweep", ev("-m", "attack=pgd", "attack.steps=10,many"), E + "attack.steps=many must be an integer (default: 20)"),
+    ("broken interpolation", ev("shard=${{nope}}"),
+     E + "cannot resolve shard: Interpolation key 'nope' not found; fix or remove the ${{...}} reference"),
     ("null seed", ev("seed=null"), E + "seed=null must be an integer (e.g. seed=0)"),
     ("null draws", ev("evaluator.draws=null"), E + "evaluator.draws=null must be an integer (e.g. evaluator.draws=10)"),
     ("zero batch size", ev("batch_size=0"), E + "batch_size=0 must be > 0 (e.g. batch_size=250)"),

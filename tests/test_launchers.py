@@ -48,6 +48,9 @@ def fork_cli(argv: list[str], log: Path) -> int:
             sys.stderr = open(2, "w", buffering=1, closefd=False)
             torch.set_num_threads(1)
             code = cli.main(argv)
+            ray = sys.modules.get("ray")
+            if ray is not None and ray.is_initialized():
+                ray.shutdown()  # os._exit skips atexit: stop the local Ray instance here
         except BaseException:
             traceback.print_exc()
         finally:
@@ -175,6 +178,7 @@ def test_ray_sweep_on_a_local_instance(tmp_path, reference):
     work = tmp_path / "w"
     log = tmp_path / "sweep.log"
     code = wait(fork_cli(["eval", "-m", launcher("ray"), "hydra.launcher.ray.init.num_cpus=2",
+                          "hydra.launcher.ray.init.object_store_memory=100000000",
                           "+hydra.launcher.ray.init.include_dashboard=false", *BASE, "seed=0,1", f"work_dir={work}"], log), 600)
     assert code == 0, log.read_text()[-3000:]
     got = records(work)

@@ -231,3 +231,27 @@ def test_blackbox_suite_builds():
     assert cfg["name"] == "blackbox"
     attacks = [build_attack(spec) for spec in cfg["attacks"]]
     assert all(a.requires is Capability.SCORES for a in attacks)
+
+
+# ------------------------------------------------------------------------------ end to end
+def test_blackbox_attack_through_the_evaluator(tmp_path):
+    """`arena eval attack=zo_ngd` on real digits: per-sample query records from the oracle's tally."""
+    import pandas as pd
+
+    from harness.api import run_eval
+
+    summary = run_eval([
+        "dataset=digits", "n_samples=30", "batch_size=30", "defense.train.epochs=3", "threat.eps=0.2",
+        "attack=zo_ngd", "attack.q=10", "attack.mu=1.0", "attack.eta=20.0", "attack.lam=10000.0",
+        "attack.iterations=null", "attack.budget=600",
+    ], tmp_path)
+    (label, stats), = summary["attacks"].items()
+    records = pd.read_parquet(f"{summary['run_dir']}/samples.parquet")
+    rec = records[(records.attack == label) & records.ran]
+    assert len(rec) == stats["attacked"] > 0
+    assert rec.n_queries.between(1, 600).all()
+    assert int(rec.n_queries.sum()) == stats["n_queries"]
+    assert stats["broken"] > 0 and stats["violations"] == 0
+    # stop at success: a broken sample used 1 + t*(q+1) queries, an unbroken one ran out of budget
+    assert ((rec.n_queries - 1) % 11 == 0).all()
+    assert (rec[~rec.success].n_queries > 600 - 11).all()
