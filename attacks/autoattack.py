@@ -87,8 +87,8 @@ class AutoAttackRef(Attack):
             aa.attacks_to_run = [comp]
             out, _ = aa.run_standard_evaluation(x[idx], y[idx], batch_size=max(int(idx.numel()), 1))
             out = out.to(x.device)
-            with torch.no_grad():
-                fooled = access.model(out).argmax(1) != y[idx]
+            with torch.no_grad():  # judge with the true decision (hard votes), not a smoothed proxy
+                fooled = (access.decision or access.model)(out).argmax(1) != y[idx]
             x_adv[idx[fooled]] = out[fooled]
             robust[idx[fooled]] = False
             for i in idx[fooled].tolist():

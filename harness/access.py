@@ -81,6 +81,9 @@ class ModelAccess:
     counter: PassCounter
     randomized: bool = False
     eot: int = 1
+    # The true decision when `model` is only a differentiable stand-in (hard-vote ensembles):
+    # attacks that keep their own "already fooled" bookkeeping should judge with this.
+    decision: nn.Module | None = None
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -104,6 +107,8 @@ class EnsembleAccess(ModelAccess):
     members: list[nn.Module] | None = None
     mode: str = "softmax"
     member_counter: PassCounter | None = None
+    tie_break: str = "lowest"
+    vote_sharpness: float = 10.0
 
 
 @dataclass

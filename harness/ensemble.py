@@ -246,8 +246,8 @@ def make_ensemble_access(classifier: Classifier, counter: PassCounter, eot: int 
         member_counter=member_counter,
     )
     # Facts of the rule an attack needs to judge success exactly as the harness will.
-    access.tie_break = ens.tie_break  # type: ignore[attr-defined]
-    access.vote_sharpness = ens.vote_sharpness  # type: ignore[attr-defined]
+    access.tie_break = ens.tie_break
+    access.vote_sharpness = ens.vote_sharpness
     return access
 
 

@@ -224,7 +224,9 @@ def make_access(slot: AttackSlot, clf: Classifier, counter: PassCounter, batch_s
         target, randomized = clf.views[slot.view], False  # views are deterministic stand-ins
     else:
         target, randomized = clf.differentiable, clf.randomized
-    return ModelAccess(CountingModule(target, counter), clf.num_classes, counter, randomized=randomized, eot=eot)
+    decision = CountingModule(clf.module, counter) if target is not clf.module else None
+    return ModelAccess(CountingModule(target, counter), clf.num_classes, counter, randomized=randomized, eot=eot,
+                       decision=decision)
 
 
 def _batch_seed(seed: int, batch: int, salt: str) -> int:
