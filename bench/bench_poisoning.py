@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -173,7 +174,14 @@ def main(argv: list[str] | None = None) -> int:
                            "best_ueraser": best_u, "best_ueraser_acc": round(float(means.loc[poison, best_u]), 2) if best_u else None,
                            "gap_to_clean": round(gap, 2), "recovery_target_met": (gap <= 5.0) if best_u else None,
                            "gap_to_same_defense_clean": round(own, 2)})
-    command = "python bench/bench_poisoning.py " + " ".join(argv)
+    skip = ("--report-only", "--no-report", "--leaderboard", "--jobs")
+    kept = [a for i, a in enumerate(argv) if not a.startswith(skip) and not (i > 0 and argv[i - 1] in ("--leaderboard", "--jobs"))]
+    command = " ".join(["python bench/bench_poisoning.py", *(shlex.quote(a) for a in kept)]).strip()
+    run_wall = 0.0
+    for hashes in board["config_hashes"]:
+        for key in str(hashes).split(";"):
+            summary = json.loads((args.work_dir / "poison-runs" / key / "summary.json").read_text())
+            run_wall += float(summary.get("run_wall_s", 0.0))
     setting = {k: (os.path.relpath(v, ROOT) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     print("\nclean test accuracy (%), final epoch, mean ± std over seeds", seeds)
     print(final.to_string())
@@ -182,11 +190,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {c['poison']:>7}: standard drop {c['standard_drop']:6.2f} ({'met' if c['drop_target_met'] else 'MISSED'}); "
               f"best UEraser {c['best_ueraser']} {c['best_ueraser_acc']} -> gap to clean standard {c['gap_to_clean']:6.2f} "
               f"({ {True: 'met', False: 'MISSED', None: 'not run'}[c['recovery_target_met']] }), to the same defense on clean data {c['gap_to_same_defense_clean']:6.2f}")
-    print(f"\nwall time {wall:.0f}s")
+    print(f"\nwall time {wall:.0f}s; sum of the runs' wall times {run_wall:.0f}s")
 
     args.out.mkdir(parents=True, exist_ok=True)
     result = {
         "command": command, "setting": setting, "seeds": seeds, "wall_s": round(wall, 1),
+        "sum_of_run_wall_s": round(run_wall, 1), "runs": int(board["n_seeds"].sum()),
         "torch_threads": torch.get_num_threads(),
         "matrix_final_acc": json.loads(final.to_json(orient="index")),
         "matrix_best_acc": json.loads(best.to_json(orient="index")),
@@ -197,9 +206,13 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     md = [
         "# Poisoning benchmark: poison x defense, clean test accuracy (%)", "",
-        f"Command: `{command}`  ", f"Dataset {args.dataset}, {args.train_n} training / {args.test_n} test images, "
+        f"Command: `{command}` (resumable: finished runs are skipped, so it may be run in chunks "
+        f"with --seeds/--poisons/--defenses subsets, or with --jobs 2 for two processes).  ",
+        f"{int(board['n_seeds'].sum())} runs; their wall times sum to {run_wall:.0f} s on a shared CPU "
+        f"(one thread per process; the machine's 2 cores were shared with other jobs, load average ~8).  ",
+        f"Dataset {args.dataset}, {args.train_n} training / {args.test_n} test images, "
         f"small_cnn ({' '.join(args.extra)}), {args.epochs} epochs ({args.optimizer}, lr {args.lr}, batch {args.batch_size}), seeds {seeds}, "
-        f"device {args.device}; wall time {wall:.0f} s.", "",
+        f"device {args.device}.", "",
         "## Final epoch (mean ± std over seeds)", "", matrix_markdown(board, "final_acc"),
         "## Best epoch", "", matrix_markdown(board, "best_acc"),
         "## Training accuracy on the poisoned data", "", matrix_markdown(board, "train_acc"),

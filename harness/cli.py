@@ -65,6 +65,16 @@ def board_main(argv: list[str]) -> int:
         if args.matrix:
             print(board.matrix(df).to_string())
             return 0
+        if args.action == "show" and not args.columns:
+            for col in ("dataset", "defense"):
+                if getattr(args, col) is not None:
+                    df = df[df[col].astype(str) == getattr(args, col)]
+            if args.sort:
+                if args.sort not in df.columns:
+                    raise UserError(f"--sort {args.sort!r} is not a column; choose one of: {', '.join(df.columns)}")
+                df = df.sort_values(args.sort, ascending=args.ascending, kind="stable")
+            print_board(df, [c for c in board.VIEW_COLUMNS if c in df.columns], title=f"poisoning leaderboard ({csv})")
+            return 0
     else:
         if args.action == "build":
             df = leaderboard.build(work_dirs, csv)

@@ -51,6 +51,9 @@ def fork_cli(argv: list[str], log: Path) -> int:
             ray = sys.modules.get("ray")
             if ray is not None and ray.is_initialized():
                 ray.shutdown()  # os._exit skips atexit: stop the local Ray instance here
+            loky = sys.modules.get("joblib.externals.loky.reusable_executor")
+            if loky is not None and loky._executor is not None:
+                loky._executor.shutdown(wait=True)  # and joblib's worker processes
         except BaseException:
             traceback.print_exc()
         finally:

@@ -33,7 +33,6 @@ def cfg(tmp_path, poison: str, defense: str = "standard", seed: int = 0, train_n
     }
 
 
-@pytest.mark.slow
 def test_a_poison_lowers_clean_accuracy_of_standard_training_on_real_digits(tmp_path):
     # Real MNIST digits, 600 training images, 4 epochs. MNIST's strokes are learned within the
     # first epoch, so a 4-epoch test needs a louder shortcut than the spec's 6/255 per pixel:
