@@ -181,7 +181,8 @@ class AdvMS(Defense):
                 "inference_cost": "one base network per draw" if self.switching == "batch"
                 else "per-sample: every channel of a block runs on the batch (S x compute), one path's output kept",
             },
-            "channels": [{k: v for k, v in r.items() if k != "train"} | {
+            # per-channel training facts ("parameters" of the temporary training stack would mislead)
+            "channels": [{k: v for k, v in r.items() if k not in ("train", "parameters")} | {
                 "train_acc": r["train"].get("train_acc"), "wall_s": r["train"].get("wall_s"),
                 "epochs": r["train"].get("epochs")} for r in records],
             "views": sorted(views),

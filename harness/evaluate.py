@@ -360,6 +360,7 @@ def run_evaluation(cfg: dict[str, Any], overrides: list[str] | None = None, log=
         "model_hash": model_key,
         "defense_info": {**clf.info, "randomized": clf.randomized, "ensemble": clf.ensemble is not None},
         "sample_ids_hash": tensor_hash(plan.ids),
+        "prepare": prep,  # e.g. LAFEAT head facts: data source, agreement, training passes
         "attacks": {s.label: {"class": type(s.attack).__name__, "params": s.attack.describe(), "view": s.view} for s in plan.slots},
         **plan.extra,
         **(manifest_extra or {}),
