@@ -21,7 +21,7 @@ def run_eval(overrides: list[str], work_dir: Path | str, update_board: bool = Fa
     import attacks  # noqa: F401
     import defenses  # noqa: F401
     from harness.evasion import board as leaderboard
-    from harness.evasion.evaluate import run_evaluation
+    from harness.evasion.run import run_evaluation
 
     overrides = [*overrides, f"work_dir={work_dir}", "progress=false"]
     cfg = compose_config(overrides)

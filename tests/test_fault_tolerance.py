@@ -28,7 +28,7 @@ import torch
 import harness.core.access
 import harness.core.atomic
 import harness.data.weights
-import harness.evasion.evaluate
+import harness.evasion.run
 import harness.evasion.board
 import harness.results.store
 from harness.cli import dispatch as cli
@@ -69,7 +69,7 @@ def kill_in_attack(n: int) -> None:
     through CountingModule; training's counted calls happen outside it)."""
     inside = [False]
     calls = [0]
-    forward, evaluate_batch = harness.core.access.CountingModule.forward, harness.evasion.evaluate.evaluate_batch
+    forward, evaluate_batch = harness.core.access.CountingModule.forward, harness.evasion.run.evaluate_batch
 
     def counted(self, x):
         if inside[0]:
@@ -86,7 +86,7 @@ def kill_in_attack(n: int) -> None:
             inside[0] = False
 
     harness.core.access.CountingModule.forward = counted
-    harness.evasion.evaluate.evaluate_batch = batch
+    harness.evasion.run.evaluate_batch = batch
 
 
 def kill_mid_write(n: int, only: str) -> None:

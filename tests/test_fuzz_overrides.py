@@ -24,7 +24,7 @@ import attacks  # noqa: F401  (registers attacks)
 import defenses  # noqa: F401  (registers defenses)
 from harness.cli.dispatch import main
 from harness.core.errors import UserError
-from harness.evasion.evaluate import plan_evaluation
+from harness.evasion.plan import plan_evaluation
 from harness.cli.hydra_app import CONF_DIR, group_options, to_plain, validate_overrides
 
 EXAMPLES = int(os.environ.get("ARENA_FUZZ_EXAMPLES", "60"))

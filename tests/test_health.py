@@ -189,7 +189,7 @@ class OutsideBall(Attack):
 
 def test_norm_box_validity_from_real_records(tmp_path):
     from harness.api import compose_config
-    from harness.evasion.evaluate import run_evaluation
+    from harness.evasion.run import run_evaluation
     from harness.results.store import RunDir
 
     base = ["dataset=digits", "model=small_cnn", "model.width=8", "model.hidden=32", "defense.train.epochs=1", "n_samples=40",

@@ -23,7 +23,7 @@ import harness.cli.eval  # noqa: F401
 from harness.cli import dispatch as cli
 from harness.api import run_eval
 from harness.cli.hydra_app import CONF_DIR
-from harness.cli.launchers import gpu_for_job
+from harness.core.device import gpu_for_job
 
 BASE = ["dataset=digits", "n_samples=30", "batch_size=10", "defense.train.epochs=1", "attack=pgd", "attack.steps=5",
         "progress=false"]

@@ -11,7 +11,7 @@ from harness.evasion import board as leaderboard
 from harness.api import run_eval
 from harness.cli.dispatch import main
 from harness.core.errors import UserError
-from harness.evasion.evaluate import parse_shard
+from harness.evasion.plan import parse_shard
 from harness.results.metrics import accuracies
 
 BASE = ["dataset=digits", "n_samples=50", "batch_size=10", "defense.train.epochs=1", "attack=pgd", "attack.steps=5"]

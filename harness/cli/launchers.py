@@ -19,6 +19,7 @@ import os
 
 from omegaconf import OmegaConf
 
+from harness.core.device import visible_gpus
 from harness.core.errors import UserError
 
 # preset -> (module of the Hydra plugin it needs, how to install it)
@@ -31,44 +32,10 @@ PLUGINS: dict[str, tuple[str | None, str]] = {
 }
 
 
-def visible_gpus() -> int:
-    """Number of CUDA devices this process may use (0 without torch.cuda)."""
-    env = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if env is not None and env.strip() in ("", "-1"):
-        return 0
-    try:
-        import torch
-
-        return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
-    except Exception:  # a broken CUDA install must not stop a CPU sweep
-        return 0
-
-
 def default_n_jobs() -> int:
     """joblib parallelism: one job per visible GPU, else a quarter of the cores (torch uses several)."""
     gpus = visible_gpus()
     return gpus if gpus > 0 else max(1, (os.cpu_count() or 1) // 4)
-
-
-def gpu_for_job(job_num: int, n_gpus: int) -> int:
-    """The GPU index job `job_num` of a sweep uses when `n_gpus` are visible (round robin)."""
-    return job_num % n_gpus if n_gpus > 0 else 0
-
-
-def current_job_num() -> int:
-    """Hydra's `hydra.job.num` of the running job (0 outside a Hydra multirun)."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        return int(HydraConfig.get().job.num or 0)
-    except Exception:  # not under Hydra (api use, tests) or single run
-        return 0
-
-
-def auto_cuda_device() -> str:
-    """`device=auto` on a CUDA machine: `cuda` with one GPU, `cuda:k` (k = job mod #GPUs) with several."""
-    n = visible_gpus()
-    return "cuda" if n <= 1 else f"cuda:{gpu_for_job(current_job_num(), n)}"
 
 
 def check_launcher(name: str) -> None:

@@ -8,7 +8,6 @@ attack lowers the row without rerunning the others. Writes are atomic and serial
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 

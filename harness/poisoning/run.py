@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 
 from harness.core.errors import UserError
-from harness.evasion.evaluate import resolve_device
+from harness.core.device import resolve_device
 from harness.core.hashing import tensor_hash
 from harness.results.store import RunDir, base_manifest
 from harness.data.training import accuracy, to_unit

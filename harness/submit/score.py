@@ -165,7 +165,7 @@ def with_threat(cfg: dict[str, Any], overrides: list[str], threat: dict[str, Any
 
 def plan_suite(cfg: dict[str, Any]) -> None:
     """Validate the suite's attack specs before any work (the evaluator builds them again)."""
-    from harness.evasion.evaluate import build_slots, suite_specs
+    from harness.evasion.plan import build_slots, suite_specs
 
     build_slots(suite_specs(cfg)[1])
 
@@ -265,7 +265,7 @@ def submit(bundle_path: Path | str, opts: SubmitOptions | None = None, log: Call
     import defenses  # noqa: F401  (registers defenses)
     from harness.core.defense import BuildContext, build_defense
     from harness.evasion import board as leaderboard
-    from harness.evasion.evaluate import run_evaluation
+    from harness.evasion.run import run_evaluation
     from harness.health.report import HealthConfig, build_surrogate, format_report, mark_summary, merge_suite_checks, run_health, \
         suite_checks, write_report
     from harness.core.threat import ThreatModel
@@ -292,7 +292,7 @@ def submit(bundle_path: Path | str, opts: SubmitOptions | None = None, log: Call
         health_cfg.n_samples = int(opts.health_samples)
 
     from harness.data.datasets import load_dataset, select_eval
-    from harness.evasion.evaluate import resolve_device
+    from harness.core.device import resolve_device
 
     data = _stage("dataset", lambda: load_dataset(dict(cfg["dataset"])))
     cap_samples(cfg, int(data.test_x.shape[0]))
