@@ -9,6 +9,7 @@ the clock and would make runs irreproducible.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ COMPONENTS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
 
 
 @register("autoattack")
+@dataclass
 class AutoAttackRef(Attack):
     """Reference AutoAttack (Croce & Hein 2020).
 
@@ -36,11 +38,17 @@ class AutoAttackRef(Attack):
 
     requires = Capability.GRADIENTS
 
-    def __init__(self, version: str = "standard", attacks: list[str] | None = None, n_iter: int | None = None,
-                 n_target_classes: int | None = None, square_queries: int | None = None) -> None:
+    version: str = "standard"
+    attacks: list[str] | None = None
+    n_iter: int | None = None
+    n_target_classes: int | None = None
+    square_queries: int | None = None
+
+    def validate(self) -> None:
+        version = self.version
         if version not in VERSIONS:
             raise UserError(f"autoattack version={version!r} unknown; use one of: {', '.join(VERSIONS)}")
-        attacks = list(attacks) if attacks else None
+        attacks = list(self.attacks) if self.attacks else None
         if version == "custom" and not attacks:
             raise UserError("autoattack version=custom needs attacks=[...] from: " + ", ".join(COMPONENTS))
         if attacks and version != "custom":
@@ -48,11 +56,7 @@ class AutoAttackRef(Attack):
         for a in attacks or []:
             if a not in COMPONENTS:
                 raise UserError(f"autoattack component {a!r} unknown; use: {', '.join(COMPONENTS)}")
-        self.version = version
         self.attacks = attacks
-        self.n_iter = n_iter
-        self.n_target_classes = n_target_classes
-        self.square_queries = square_queries
 
     def _build(self, model: torch.nn.Module, threat: ThreatModel, seed: int, device: torch.device, num_classes: int) -> Any:
         from pyautoattack import AutoAttack

@@ -18,8 +18,6 @@ def compose_config(overrides: list[str], config_name: str = "eval") -> dict[str,
 
 def run_eval(overrides: list[str], work_dir: Path | str, update_board: bool = False) -> dict[str, Any]:
     """Run `arena eval` in-process with `work_dir=...` and return the summary (+ `run_dir`)."""
-    import attacks  # noqa: F401
-    import defenses  # noqa: F401
     from harness.evasion import board as leaderboard
     from harness.evasion.run import run_evaluation
 

@@ -114,7 +114,7 @@ CASES: list[tuple[str, Setup, str]] = [
     ("unknown launcher", ev("-m", "+launcher=kubernetes"),
      E + "unknown launcher 'kubernetes'; choose one of: joblib, local, ray, slurm, submitit_local"),
     ("unknown device", ev("device=tpu"), E + "device='tpu' is not a device; use auto, cpu or cuda[:N]"),
-    ("unknown optimizer", ev("defense.train.optimizer=rmsprop"), E + "train.optimizer='rmsprop' unknown; use one of: sgd, adam"),
+    ("unknown optimizer", ev("defense.train.optimizer=rmsprop"), E + "defense 'standard': train.optimizer='rmsprop' unknown; use one of: sgd, adam"),
     ("attack parameter out of range", ev("attack=pgd", "attack.steps=-5"),
      E + "pgd needs steps, restarts and eot >= 1 (got steps=-5, restarts=1, eot=1)"),
     ("empty suite", ev("suite.attacks=[]"), E + "the suite has no attacks; choose suite=quick|standard|... or attack=NAME"),

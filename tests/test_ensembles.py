@@ -24,7 +24,7 @@ from harness.core.classifier import Classifier
 from harness.data.training import to_unit
 
 CPU = torch.device("cpu")
-MODEL = {"name": "small_cnn", "width": 16, "hidden": 32}
+MODEL = {"name": "small_cnn", "width": 16, "hidden": 32, "mean": [0.0], "std": [1.0]}
 EPOCH = {"epochs": 1, "batch_size": 32, "optimizer": "adam", "lr": 0.005, "weight_decay": 0.0}
 
 
@@ -127,7 +127,7 @@ def test_trainers_run_an_epoch_and_diversify(digits, tmp_path):
     assert trs["grad_abs_cos"] < ref["grad_abs_cos"] - 0.1
     assert trs["grad_sq_norm"] < ref["grad_sq_norm"]  # smoother members
 
-    dv = _build(digits, tmp_path, "dverge", layer=2)
+    dv = _build(digits, tmp_path, "dverge", layer=2, warmup_epochs=0)  # the one epoch distils (default warm-up: 1)
     kw = dict(layer=2, eps=0.07, alpha=0.007, steps=10)
     assert cross_distilled_accuracy(dv.module, x, y, **kw) > cross_distilled_accuracy(base.module, x, y, **kw)
 

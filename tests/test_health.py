@@ -8,6 +8,8 @@ examples outside the ball.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import json
 from pathlib import Path
 
@@ -178,6 +180,9 @@ def test_extra_success_thresholds():
 
 
 @register("test_outside_ball")
+
+
+@dataclass
 class OutsideBall(Attack):
     """A broken attack: returns x + 2 eps (outside the ball) for every sample."""
 

@@ -141,7 +141,7 @@ def trained(tmp_path_factory):
     data = load_dataset({"name": "digits"})
     spec = {"name": "ensemble", "members": 3,
             "train": {"epochs": 3, "batch_size": 32, "optimizer": "adam", "lr": 0.005, "weight_decay": 0.0}}
-    ctx = BuildContext(data=data, model_cfg={"name": "small_cnn", "width": 16, "hidden": 32}, device=CPU, seed=0,
+    ctx = BuildContext(data=data, model_cfg={"name": "small_cnn", "width": 16, "hidden": 32, "mean": [0.0], "std": [1.0]}, device=CPU, seed=0,
                        cache_dir=tmp_path_factory.mktemp("cache"), progress=False)
     clf = build_defense(spec).build(ctx)
     return clf, to_unit(data.test_x[:150], CPU), data.test_y[:150]

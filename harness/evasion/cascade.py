@@ -11,7 +11,7 @@ cascade), which is exact for all three numbers.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable
 
 import pandas as pd
 import torch
@@ -74,8 +74,12 @@ def correct_draws(clf: Classifier, x: torch.Tensor, y: torch.Tensor, draws: int,
 
 
 def evaluate_batch(plan: EvalPlan, clf: Classifier, b: int, ids: torch.Tensor, x_u8: torch.Tensor,
-                   y: torch.Tensor) -> pd.DataFrame:
-    """Clean pass plus the cascade on one batch; returns its long-format records."""
+                   y: torch.Tensor, on_verified: Callable[..., None] | None = None) -> pd.DataFrame:
+    """Clean pass plus the cascade on one batch; returns its long-format records.
+
+    `on_verified(label, sample_ids, x_adv, success)`, when given, receives every attack's verified
+    examples (the projected inputs the harness judged) and its verdict (harness.evaluate, save_adv).
+    """
     device, threat = plan.device, plan.threat
     x = to_unit(x_u8, device)
     y = y.to(device)
@@ -110,6 +114,8 @@ def evaluate_batch(plan: EvalPlan, clf: Classifier, b: int, ids: torch.Tensor, x
             count, pred = correct_draws(clf, x_adv, ys, plan.draws, _batch_seed(plan.seed, b, slot.label + "/verify"))
             count = torch.where(bad, torch.full_like(count, n_draws), count)  # invalid example: not broken
             worst[idx] = torch.minimum(worst[idx], count)
+            if on_verified is not None:
+                on_verified(slot.label, ids[idx.cpu()], x_adv, (count * 2 < n_draws) if n_draws > 1 else (count == 0))
             linf, l2 = threat.norms(x_adv, xs)
             queries = getattr(access, "queries", None)
             exhausted = getattr(access, "exhausted", None)

@@ -1,21 +1,32 @@
 """Run one evaluation: build the defense, check the contract, prepare the attacks, then the
 cascade batch by batch (resuming finished batches), and finish the run directory.
+
+`run_evaluation` is what `arena eval` calls; `execute` is the same path with the options the
+Python API needs: in-memory data, a classifier the caller built, the verified adversarial
+examples kept (`save_adv`, harness/evasion/adversarial.py).
 """
 from __future__ import annotations
 
+import tempfile
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
+import numpy as np
 import pandas as pd
 import torch
 
 from harness.core.attack import PrepareContext
+from harness.core.classifier import Classifier
 from harness.core.contract import check_classifier
 from harness.core.defense import BuildContext, build_defense
 from harness.core.hashing import module_hash, tensor_hash
 from harness.core.progress import progress_bar
+from harness.data.datasets import DatasetSplits
 from harness.data.training import to_unit
+from harness.evasion import adversarial as adv
 from harness.evasion.cascade import evaluate_batch
 from harness.evasion.plan import EvalPlan, plan_evaluation
 from harness.results.store import base_manifest
@@ -38,61 +49,156 @@ def summarize(samples: pd.DataFrame, plan: EvalPlan, clf_info: dict[str, Any], p
     }
 
 
+@dataclass
+class Outcome:
+    """A finished (or skipped) run: its summary, its store, and the adversarial examples if kept."""
+
+    summary: dict[str, Any]
+    run: Any  # harness.results.store.RunDir | harness.results.memory.MemoryRun
+    skipped: bool
+    candidates: list[adv.Candidates] | None = None  # every verified candidate, per batch
+    adversarial: dict[str, np.ndarray] | None = None  # ids, x_adv, attack of the broken samples
+
+    def samples(self) -> pd.DataFrame:
+        return self.run.samples()
+
+
 def run_evaluation(cfg: dict[str, Any], overrides: list[str] | None = None, log=print,
                    manifest_extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Plan, build the defense, check the contract, run (or resume, or skip) and finish a run.
 
     `manifest_extra` adds provenance fields (e.g. `submission: true` and the bundle's card).
     """
-    plan = plan_evaluation(cfg)
+    out = execute(cfg, overrides, log, manifest_extra)
+    return {**out.summary, "run_dir": None if out.run.path is None else str(out.run.path), "skipped": out.skipped}
+
+
+@contextmanager
+def _cache_dir(cfg: dict[str, Any]) -> Iterator[Path]:
+    """<work_dir>/cache, or a temporary directory removed afterwards when the run is in memory."""
+    work_dir = cfg.get("work_dir", "arena-work")
+    if work_dir is not None:
+        yield Path(str(work_dir)) / "cache"
+        return
+    with tempfile.TemporaryDirectory(prefix="arena-cache-") as tmp:
+        yield Path(tmp)
+
+
+class _Prepared:
+    """The defended classifier, prepared attacks and manifest, made on first need (a finished run
+    whose adversarial examples are all on disk needs none of it)."""
+
+    def __init__(self, plan: EvalPlan, cfg: dict[str, Any], cache_dir: Path, log: Callable[[str], None],
+                 classifier: Classifier | None, overrides: list[str] | None, manifest_extra: dict[str, Any] | None,
+                 write_manifest: bool) -> None:
+        self.plan, self.cfg, self.cache_dir, self.log = plan, cfg, cache_dir, log
+        self.clf, self.overrides, self.manifest_extra, self.write_manifest = classifier, overrides, manifest_extra, write_manifest
+        self.ready = False
+        self.prep: dict[str, Any] = {}
+        self.defense_info: dict[str, Any] = {}
+        self.start = time.perf_counter()
+
+    def get(self) -> Classifier:
+        if self.ready:
+            assert self.clf is not None
+            return self.clf
+        plan, cfg = self.plan, self.cfg
+        progress = bool(cfg.get("progress", True))
+        if self.clf is None:
+            defense = build_defense(dict(cfg.get("defense") or {}), plan.threat)
+            torch.manual_seed(plan.seed)  # model initialisation inside build(): a rerun (resume) builds the same model
+            self.clf = defense.build(BuildContext(data=plan.data, model_cfg=dict(cfg.get("model") or {}), device=plan.device,
+                                                  seed=plan.seed, cache_dir=self.cache_dir, progress=progress,
+                                                  threat=plan.threat, log=lambda line: self.log(f"[arena] {line}")))
+        clf = self.clf.to(plan.device)
+        check_classifier(clf, to_unit(plan.x[: min(8, plan.x.shape[0])], plan.device))
+        model_key = module_hash(clf.module)
+        self.start = time.perf_counter()
+        for slot in plan.slots:
+            facts = slot.attack.prepare(PrepareContext(
+                classifier=clf, train_x=plan.data.train_x, train_y=plan.data.train_y, eval_x=plan.x,
+                cache_dir=self.cache_dir, device=plan.device, seed=plan.seed, model_key=model_key, progress=progress))
+            if facts:
+                self.prep[slot.label] = facts
+        self.defense_info = {**clf.info, "randomized": clf.randomized, "ensemble": clf.ensemble is not None}
+        if self.write_manifest:
+            plan.run.write_manifest({
+                **base_manifest(plan.semantic, plan.seed),
+                "overrides": list(self.overrides or []),
+                "device": str(plan.device),
+                "model_hash": model_key,
+                "defense_info": self.defense_info,
+                "sample_ids_hash": tensor_hash(plan.ids),
+                "prepare": self.prep,  # e.g. LAFEAT head facts: data source, agreement, training passes
+                "attacks": {s.label: {"class": type(s.attack).__name__, "params": s.attack.describe(), "view": s.view}
+                            for s in plan.slots},
+                **plan.extra,
+                **(self.manifest_extra or {}),
+            })
+        self.ready = True
+        return clf
+
+
+def _same_verdicts(stored: pd.DataFrame, fresh: pd.DataFrame) -> bool:
+    cols = ["sample_id", "attack", "ran", "correct_draws", "success"]
+    return stored[cols].reset_index(drop=True).equals(fresh[cols].reset_index(drop=True))
+
+
+def execute(cfg: dict[str, Any], overrides: list[str] | None = None, log: Callable[[str], None] = print,
+            manifest_extra: dict[str, Any] | None = None, *, data: DatasetSplits | None = None,
+            classifier: Classifier | None = None, keep_adversarial: bool | None = None) -> Outcome:
+    """`run_evaluation` with its options: `data` and `classifier` replace the configured dataset and
+    defense; `keep_adversarial` (default: the config's `save_adv`) keeps the verified examples."""
+    plan = plan_evaluation(cfg, data=data, check_defense=classifier is None)
     run = plan.run
-    if run.is_done():
+    for note in plan.notes:
+        log(f"[arena] note: {note}")
+    keep = bool(cfg.get("save_adv", False)) if keep_adversarial is None else bool(keep_adversarial)
+    done = run.is_done()
+    if done and not keep:
         log(f"[arena] run {run.key} already complete; skipping ({run.path})")
-        summary = run.read_json("summary.json") or {}
-        return {**summary, "run_dir": str(run.path), "skipped": True}
-    cache_dir = Path(str(cfg.get("work_dir", "arena-work"))) / "cache"
+        return Outcome(run.read_json("summary.json") or {}, run, skipped=True)
     progress = bool(cfg.get("progress", True))
-    defense = build_defense(dict(cfg.get("defense") or {}))
-    torch.manual_seed(plan.seed)  # model initialisation inside build(): a rerun (resume) builds the same model
-    clf = defense.build(BuildContext(data=plan.data, model_cfg=dict(cfg.get("model") or {}), device=plan.device,
-                                     seed=plan.seed, cache_dir=cache_dir, progress=progress)).to(plan.device)
-    check_classifier(clf, to_unit(plan.x[: min(8, plan.x.shape[0])], plan.device))
-    model_key = module_hash(clf.module)
-    start = time.perf_counter()
-    prep: dict[str, Any] = {}
-    for slot in plan.slots:
-        facts = slot.attack.prepare(PrepareContext(
-            classifier=clf, train_x=plan.data.train_x, train_y=plan.data.train_y, eval_x=plan.x,
-            cache_dir=cache_dir, device=plan.device, seed=plan.seed, model_key=model_key, progress=progress))
-        if facts:
-            prep[slot.label] = facts
-    manifest = {
-        **base_manifest(plan.semantic, plan.seed),
-        "overrides": list(overrides or []),
-        "device": str(plan.device),
-        "model_hash": model_key,
-        "defense_info": {**clf.info, "randomized": clf.randomized, "ensemble": clf.ensemble is not None},
-        "sample_ids_hash": tensor_hash(plan.ids),
-        "prepare": prep,  # e.g. LAFEAT head facts: data source, agreement, training passes
-        "attacks": {s.label: {"class": type(s.attack).__name__, "params": s.attack.describe(), "view": s.view} for s in plan.slots},
-        **plan.extra,
-        **(manifest_extra or {}),
-    }
-    run.write_manifest(manifest)
     n = plan.x.shape[0]
-    batches = []
     n_batches = (n + plan.batch_size - 1) // plan.batch_size
-    with progress_bar(n_batches, desc=f"eval {plan.suite_name}", enabled=progress) as bar:
-        for b in range(n_batches):
-            sl = slice(b * plan.batch_size, (b + 1) * plan.batch_size)
-            records = run.read_batch(b)
-            if records is None:
-                first = int(plan.extra.get("first_batch", 0))  # global batch index: a shard seeds as the whole run
-                records = evaluate_batch(plan, clf, first + b, plan.ids[sl], plan.x[sl], plan.y[sl])
-                run.write_batch(b, records)
-            batches.append(records)
-            bar.advance()
-    samples = pd.concat(batches, ignore_index=True)
-    summary = summarize(samples, plan, manifest["defense_info"], prep, time.perf_counter() - start)
-    run.finish(samples, summary)
-    return {**summary, "run_dir": str(run.path), "skipped": False}
+    first = int(plan.extra.get("first_batch", 0))  # global batch index: a shard seeds as the whole run
+    batches: list[pd.DataFrame] = []
+    cands: list[adv.Candidates] = []
+    with _cache_dir(cfg) as cache_dir:
+        state = _Prepared(plan, cfg, cache_dir, log, classifier, overrides, manifest_extra, write_manifest=not done)
+        if not done:
+            state.get()
+        elif keep:
+            log(f"[arena] run {run.key} already complete; reading its adversarial examples ({run.path})")
+        with progress_bar(n_batches, desc=f"eval {plan.suite_name}", enabled=progress) as bar:
+            for b in range(n_batches):
+                sl = slice(b * plan.batch_size, (b + 1) * plan.batch_size)
+                records = run.read_batch(b)
+                cand = adv.Candidates.load(adv.batch_path(run.path, b)) if keep and run.path is not None else None
+                if records is None or (keep and cand is None):
+                    fresh_cand = adv.Candidates() if keep else None
+                    fresh = evaluate_batch(plan, state.get(), first + b, plan.ids[sl], plan.x[sl], plan.y[sl],
+                                           on_verified=fresh_cand.add if fresh_cand is not None else None)
+                    if records is None:
+                        run.write_batch(b, fresh)
+                        records = fresh
+                    elif not _same_verdicts(records, fresh):
+                        raise RuntimeError(f"batch {b} of run {run.key}, recomputed for its adversarial examples, differs "
+                                           f"from its stored records: the evaluation is not deterministic on {plan.device}")
+                    cand = fresh_cand
+                    if cand is not None and run.path is not None:
+                        cand.save(adv.batch_path(run.path, b))
+                batches.append(records)
+                if cand is not None:
+                    cands.append(cand)
+                bar.advance()
+    if done:
+        summary = run.read_json("summary.json") or {}
+    else:
+        samples = pd.concat(batches, ignore_index=True)
+        summary = summarize(samples, plan, state.defense_info, state.prep, time.perf_counter() - state.start)
+        run.finish(samples, summary)
+    adversarial = adv.broken(cands, [s.label for s in plan.slots]) if keep else None
+    if adversarial is not None and run.path is not None:
+        adv.save(run.path, adversarial)
+    return Outcome(summary, run, skipped=done, candidates=cands if keep else None, adversarial=adversarial)
