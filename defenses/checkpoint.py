@@ -38,7 +38,10 @@ class Checkpoint(Defense):
             module = build_model(ctx.model_cfg, ctx.data.num_classes, ctx.data.input_shape)
         info: dict[str, Any] = {"model_file": self.model_file}
         if self.weights:
-            load_into(module, self.weights)
+            remapped: list[str] = []
+            load_into(module, self.weights, log=lambda line: (remapped.append(line), ctx.log(line)))
+            if remapped:
+                info["weights_remap"] = remapped[0]
             info["weights_sha256"] = file_sha256(Path(self.weights).expanduser())
         elif not self.model_file:
             raise UserError("defense=checkpoint needs defense.weights=FILE (and optionally defense.model_file=FILE.py)")

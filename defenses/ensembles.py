@@ -401,7 +401,7 @@ class EnsembleCheckpoint(Defense):
                 module = build_model(ctx.model_cfg, ctx.data.num_classes, ctx.data.input_shape)
             fact: dict[str, Any] = {"model_file": spec.get("model_file")}
             if spec.get("weights"):
-                load_into(module, spec["weights"])
+                load_into(module, spec["weights"], log=ctx.log)
                 fact["weights_sha256"] = file_sha256(Path(str(spec["weights"])).expanduser())
             modules.append(module.to(ctx.device).eval())
             facts.append(fact)
