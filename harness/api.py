@@ -21,9 +21,10 @@ one-line message.
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -236,16 +237,22 @@ def _prepare(model: nn.Module, x: Any, y: Any, *, norm: str, eps: float, seed: i
 def _run(cfg: dict[str, Any], data: DatasetSplits, clf: Classifier, verbose: bool):
     from harness.evasion.run import execute
 
-    model = clf.module
-    was_training = model.training
+    return execute(cfg, log=print if verbose else (lambda *_: None), data=data, classifier=clf, keep_adversarial=True)
+
+
+@contextmanager
+def _eval_mode(model: Any) -> Iterator[None]:
+    """The model in eval() mode for the call (warned about if it was training), its mode restored after."""
+    was_training = bool(getattr(model, "training", False))
     if was_training:
         warnings.warn("the model is in training mode; it is evaluated in eval() mode (and put back afterwards)",
-                      stacklevel=3)
+                      stacklevel=4)
+        model.eval()
     try:
-        return execute(cfg, log=print if verbose else (lambda *_: None), data=data, classifier=clf,
-                       keep_adversarial=True)
+        yield
     finally:
-        model.train(was_training)
+        if was_training:
+            model.train(True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -304,12 +311,13 @@ def evaluate(model: nn.Module, x: Any, y: Any, *, norm: str = "Linf", eps: float
         suite_overrides = []
     else:
         raise UserError(f"suite={suite!r}: give a suite name (e.g. 'quick', 'standard') or a non-empty list of attacks")
-    cfg, data, clf = _prepare(model, x, y, norm=norm, eps=eps, seed=seed, batch_size=batch_size, device=device,
-                              draws=draws, cascade=cascade, randomized=randomized, num_classes=num_classes,
-                              work_dir=work_dir, name=name, progress=progress, suite_overrides=suite_overrides)
-    if not isinstance(suite, str):
-        cfg["suite"] = {"name": "custom", "version": 1, "attacks": [_attack_spec(s) for s in suite]}
-    out = _run(cfg, data, clf, verbose)
+    with _eval_mode(model):
+        cfg, data, clf = _prepare(model, x, y, norm=norm, eps=eps, seed=seed, batch_size=batch_size, device=device,
+                                  draws=draws, cascade=cascade, randomized=randomized, num_classes=num_classes,
+                                  work_dir=work_dir, name=name, progress=progress, suite_overrides=suite_overrides)
+        if not isinstance(suite, str):
+            cfg["suite"] = {"name": "custom", "version": 1, "attacks": [_attack_spec(s) for s in suite]}
+        out = _run(cfg, data, clf, verbose)
     found = out.adversarial or adv_empty(data)
     adversarial = Adversarial(found["ids"], torch.from_numpy(found["x_adv"]), [str(a) for a in found["attack"]])
     return EvalResult(out.summary, out.samples(), adversarial, out.run.path)
@@ -326,11 +334,12 @@ def attack(model: nn.Module, x: Any, y: Any, attack: AttackSpec, *, norm: str = 
     """Run one attack (a registry name such as "pgd", a conf/attack preset, or a spec mapping) with
     `params` (e.g. steps=50) on every clean-correct sample; the harness verifies each result."""
     spec = _attack_spec({**({"name": attack} if isinstance(attack, str) else dict(attack)), **params})
-    cfg, data, clf = _prepare(model, x, y, norm=norm, eps=eps, seed=seed, batch_size=batch_size, device=device,
-                              draws=draws, cascade=True, randomized=randomized, num_classes=num_classes,
-                              work_dir=work_dir, name=None, progress=progress, suite_overrides=[])
-    cfg["attack"] = spec
-    out = _run(cfg, data, clf, verbose)
+    with _eval_mode(model):
+        cfg, data, clf = _prepare(model, x, y, norm=norm, eps=eps, seed=seed, batch_size=batch_size, device=device,
+                                  draws=draws, cascade=True, randomized=randomized, num_classes=num_classes,
+                                  work_dir=work_dir, name=None, progress=progress, suite_overrides=[])
+        cfg["attack"] = spec
+        out = _run(cfg, data, clf, verbose)
     samples = out.samples()
     n = data.test_x.shape[0]
     from harness.data.training import to_unit

@@ -12,7 +12,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+# ../shared beside the checkout (CI); ARENA_SHARED points elsewhere (a worktree one level deeper)
+SHARED = Path(os.environ.get("ARENA_SHARED") or REPO.parent / "shared")
 
 
 def shared_path(*parts: str) -> Path:
