@@ -1,7 +1,7 @@
 """The bad-input corpus: malformed configs, overrides, data files, checkpoints, model files, bundles
 and leaderboard files, each answered with exactly the expected one-line message and exit status 2,
 and nothing written to the work dir. Table-driven: one row per input, `{tmp}` stands for the
-test's directory. (`tests/test_core_bad_input.py` checks the core ones by substring; this table
+test's directory. (`tests/cli/test_bad_input_core.py` checks the core ones by substring; this table
 pins whole messages, so a reworded or multi-line message is a visible change.)"""
 from __future__ import annotations
 

@@ -13,8 +13,6 @@ build of every defense (tiny training) and one generation of every poison, all o
 """
 from __future__ import annotations
 
-import dataclasses
-import math
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +27,12 @@ from harness.core.attack import ATTACKS
 from harness.core.contract import check_classifier
 from harness.core.defense import DEFENSES, BuildContext
 from harness.core.poison import POISONS, generate
-from harness.core.registry import FOLLOWS, Registry, field_default, plain
+from harness.core.registry import Registry
 from harness.core.threat import ThreatModel
 from harness.data.datasets import DATASETS, load_dataset
 from harness.data.models import MODELS
 from harness.data.training import to_unit
+from helpers import mirror_problems
 
 GROUPS: dict[str, tuple[str, Registry]] = {  # group -> (the config that has it, its registry)
     "attack": ("eval", ATTACKS), "defense": ("eval", DEFENSES), "poison": ("poison", POISONS),
@@ -54,40 +53,6 @@ def composed() -> dict[tuple[str, str], tuple[dict[str, Any], dict[str, Any]]]:
     return out
 
 
-def same(a: Any, b: Any) -> bool:
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and not isinstance(b, bool):
-        return math.isclose(float(a), float(b), rel_tol=1e-12, abs_tol=1e-15)
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-    return a == b
-
-
-def mirror_problems(group: str, raw: dict[str, Any]) -> list[str]:
-    """How a mirror YAML differs from its plugin's dataclass (empty when it conforms)."""
-    registry = GROUPS[group][1]
-    cls = registry.get(raw["name"])
-    problems = []
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    for name, f in fields.items():
-        if name not in raw:
-            problems.append(f"{name}: missing (default {plain(field_default(f))!r})")
-            continue
-        value, default = raw[name], field_default(f)
-        path = f.metadata.get(FOLLOWS)
-        if path:
-            if value != f"${{{path}}}":
-                problems.append(f"{name}: {value!r}, but the field follows {path}: write ${{{path}}}")
-        elif dataclasses.is_dataclass(default):
-            for key, v in (value or {}).items():
-                if not hasattr(default, key):
-                    problems.append(f"{name}.{key}: not a field of {type(default).__name__}")
-                elif not same(v, getattr(default, key)):
-                    problems.append(f"{name}.{key}: YAML {v!r} != default {getattr(default, key)!r}")
-        elif not same(value, plain(default)):
-            problems.append(f"{name}: YAML {value!r} != default {plain(default)!r}")
-    return problems
-
-
 @pytest.mark.parametrize("group, option", FILES, ids=[f"{g}/{o}" for g, o in FILES])
 def test_yaml_keys_are_fields_and_mirrors_equal_the_defaults(composed, group, option):
     raw, resolved = composed[(group, option)]
@@ -97,7 +62,7 @@ def test_yaml_keys_are_fields_and_mirrors_equal_the_defaults(composed, group, op
     unknown = set(raw) - fields - set(registry.extras) - {"name"}
     assert not unknown, f"conf/{group}/{option}.yaml: keys {sorted(unknown)} are not fields of {raw['name']}"
     if option == raw["name"]:
-        assert not mirror_problems(group, raw), f"conf/{group}/{option}.yaml vs its dataclass: {mirror_problems(group, raw)}"
+        assert not mirror_problems(GROUPS[group][1], raw), f"conf/{group}/{option}.yaml vs its dataclass: {mirror_problems(GROUPS[group][1], raw)}"
     context = {"threat.eps": 0.3, "threat.norm": "Linf"}
     registry.build(resolved, context=context)  # every value type-checks and passes the plugin's checks
 
@@ -133,7 +98,7 @@ def test_python_defaults_build_the_yaml_defense():
 # ---------------------------------------------------------------------------------------- runs
 
 FAST_ATTACK = {  # small budgets: one batch, a few seconds each
-    "pgd": {"steps": 5}, "apgd_ce": {"n_iter": 5}, "autoattack": {"n_iter": 3, "n_target_classes": 2, "square_queries": 30},
+    "pgd": {"steps": 5}, "fgsm": {}, "apgd_ce": {"n_iter": 5}, "autoattack": {"n_iter": 3, "n_target_classes": 2, "square_queries": 30},
     "lafeat": {"head_epochs": 1, "iterations": 3, "targets": 1}, "mora": {"n_iter": 3, "n_target_classes": 2},
     "square": {"budget": 50}, "zo_ngd": {"budget": 100}, "zo_sgd": {"budget": 100}, "nes": {"budget": 102},
 }

@@ -22,21 +22,11 @@ from harness.core.ensemble import Ensemble, forward_members, make_classifier, ma
 from harness.core.errors import UserError
 from harness.core.classifier import Classifier
 from harness.data.training import to_unit
+from helpers import FixedLogits as Fixed
 
 CPU = torch.device("cpu")
 MODEL = {"name": "small_cnn", "width": 16, "hidden": 32, "mean": [0.0], "std": [1.0]}
 EPOCH = {"epochs": 1, "batch_size": 32, "optimizer": "adam", "lr": 0.005, "weight_decay": 0.0}
-
-
-class Fixed(nn.Module):
-    """A member whose logits are a fixed vector plus a tiny input-dependent term (so gradients exist)."""
-
-    def __init__(self, logits: list[float]) -> None:
-        super().__init__()
-        self.register_buffer("bias", torch.tensor(logits))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bias.expand(x.shape[0], -1) + 1e-3 * x.flatten(1).mean(1, keepdim=True)
 
 
 def _x(n: int = 2) -> torch.Tensor:

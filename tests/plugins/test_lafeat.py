@@ -28,7 +28,7 @@ from harness.data.models import BUILDERS, build_model
 from harness.core.threat import ThreatModel
 from harness.data.training import to_unit
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO
 CPU = torch.device("cpu")
 
 

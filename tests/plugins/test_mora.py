@@ -23,6 +23,7 @@ from harness.core.ensemble import make_classifier, make_ensemble_access, scale_s
 from harness.core.errors import UserError
 from harness.core.threat import ThreatModel
 from harness.data.training import to_unit
+from helpers import FixedLogits as Fixed
 
 CPU = torch.device("cpu")
 MODES = ("softmax", "voting", "logits")
@@ -84,17 +85,6 @@ def test_intended_weights_are_the_ensemble_margin_sensitivities():
     pk, py = p.detach()[:, rows, k], p.detach()[:, rows, y]
     torch.testing.assert_close(wq, pk * ((1 + pk) / p_bar[rows, k] - py / p_bar[rows, y]).detach())
     assert not torch.allclose(w, wq)
-
-
-class Fixed(nn.Module):
-    """Fixed logits plus a tiny class-independent input term (gradients exist, decisions never move)."""
-
-    def __init__(self, logits: list[float]) -> None:
-        super().__init__()
-        self.register_buffer("bias", torch.tensor(logits))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bias.expand(x.shape[0], -1) + 1e-3 * x.flatten(1).mean(1, keepdim=True)
 
 
 def test_voting_success_is_counted_with_hard_votes():

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, shared_path
+from helpers import REPO, shared_path
 
 
 def readme_python_blocks() -> list[str]:

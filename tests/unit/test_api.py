@@ -18,7 +18,7 @@ from harness.data.datasets import load_dataset
 from harness.data.models import build_model
 from harness.data.training import TrainConfig, train
 
-REPO = Path(__file__).resolve().parents[2]
+from helpers import REPO
 ARCH = {"name": "small_cnn", "width": 8, "hidden": 32}
 COLUMNS = ["sample_id", "label", "attack", "order", "ran", "correct_draws", "draws", "success", "pred", "linf", "l2",
            "n_forward", "n_backward", "n_queries", "time_s", "violation", "stage", "budget_exhausted"]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from helpers import REPO
 PLUGIN_FAMILIES = ("attacks", "defenses")
 # Known until issue 15 item 4 lands (threat geometry on ThreatModel, helper h12c): delete the entry
 # then; the test fails on an entry that no longer matches anything, so it cannot go stale.
