@@ -23,3 +23,11 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 def session_work(tmp_path_factory) -> Path:
     """One work dir per test session, so trained defenses are cached across tests."""
     return tmp_path_factory.mktemp("arena-work")
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """scikit-learn's 8x8 digits as DatasetSplits (read-only: tests slice it, never write into it)."""
+    from harness.data.datasets import load_dataset
+
+    return load_dataset({"name": "digits"})

@@ -14,14 +14,8 @@ from defenses.advms import AdvMS
 from harness.core.defense import BuildContext, build_defense
 from defenses.switching import ExpectedModel, FixedPaths, RandomSwitching, split_model
 from harness.core.access import ModelAccess, PassCounter
-from harness.data.datasets import load_dataset
 from harness.core.errors import UserError
 from harness.data.models import build_model
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset({"name": "digits"})
 
 
 def _x(data, n: int = 32) -> torch.Tensor:

@@ -127,7 +127,7 @@ FAST_DEFENSE = {"*": {"train": {"epochs": 1}}, "advms": {"channels": 2, "steps":
 @pytest.fixture(scope="module")
 def digits_small():
     data = load_dataset({"name": "digits"})
-    return data.with_train(data.train_x[:192], data.train_y[:192])
+    return data.with_train(data.train_x[:384], data.train_y[:384])
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +141,7 @@ def weights_file(tmp_path_factory, digits_small) -> Path:
 def test_every_defense_builds_on_digits(tmp_path, digits_small, weights_file, name):
     spec: dict[str, Any] = {"name": name, **FAST_DEFENSE.get(name, {})}
     if any(f.name == "train" for f in DEFENSES.fields(name)):
-        spec["train"] = {**FAST_DEFENSE["*"]["train"], "batch_size": 64}
+        spec["train"] = {**FAST_DEFENSE["*"]["train"], "batch_size": 32, "optimizer": "adam", "lr": 0.005}
     if name == "checkpoint":
         spec["weights"] = str(weights_file)
     if name == "ensemble_checkpoint":

@@ -17,7 +17,6 @@ from harness.core.defense import BuildContext, build_defense
 from defenses.ensembles import cross_distilled_accuracy, diversity_summary
 from harness.core.access import PassCounter
 from harness.core.contract import check_classifier
-from harness.data.datasets import load_dataset
 from harness.core.ensemble import Ensemble, forward_members, make_classifier, make_ensemble_access
 from harness.core.errors import UserError
 from harness.core.classifier import Classifier
@@ -31,11 +30,6 @@ EPOCH = {"epochs": 1, "batch_size": 32, "optimizer": "adam", "lr": 0.005, "weigh
 
 def _x(n: int = 2) -> torch.Tensor:
     return torch.full((n, 1, 4, 4), 0.5)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset({"name": "digits"})
 
 
 def _build(digits, tmp_path, name: str, **params):

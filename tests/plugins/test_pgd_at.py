@@ -25,11 +25,6 @@ CNN = {"name": "small_cnn", "width": 16, "hidden": 64, "mean": [0.0], "std": [1.
 
 
 @pytest.fixture(scope="module")
-def digits():
-    return load_dataset({"name": "digits"})
-
-
-@pytest.fixture(scope="module")
 def trained(digits):
     """A small CNN briefly trained on digits (an untrained net's loss barely moves under attack)."""
     torch.manual_seed(0)

@@ -14,7 +14,6 @@ from torch import nn
 
 import harness
 from harness.api import run_eval
-from harness.data.datasets import load_dataset
 from harness.data.models import build_model
 from harness.data.training import TrainConfig, train
 
@@ -23,11 +22,6 @@ ARCH = {"name": "small_cnn", "width": 8, "hidden": 32}
 COLUMNS = ["sample_id", "label", "attack", "order", "ran", "correct_draws", "draws", "success", "pred", "linf", "l2",
            "n_forward", "n_backward", "n_queries", "time_s", "violation", "stage", "budget_exhausted"]
 EPS = 0.1
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset({"name": "digits"})
 
 
 @pytest.fixture(scope="module")
