@@ -66,7 +66,7 @@ class SubmitOptions:
     batch_size: int = 250
     check_only: bool = False
     board: bool = True
-    progress: bool = False
+    progress: bool = True  # bars on a terminal, one line per stage in logs (harness.core.progress)
 
 
 @dataclass
@@ -327,7 +327,7 @@ def submit(bundle_path: Path | str, opts: SubmitOptions | None = None, log: Call
     surrogate, why = build_surrogate(data, health_cfg, device, seed, cache_dir, progress=opts.progress)
     nh = min(health_cfg.n_samples, int(x_u8.shape[0]))
     reports = run_health(clf, to_unit(x_u8[:nh], device), y[:nh].to(device), ids[:nh], threats, health_cfg, seed,
-                         surrogate, why)
+                         surrogate, why, progress=opts.progress)
     log(f"  ok  health report: {len(reports)} threat model(s), {sum(r.wall_s for r in reports.values()):.0f} s")
     del clf
 
@@ -402,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--check-only", action="store_true", help="run the acceptance checks only (no health report, no attacks)")
     p.add_argument("--no-board", action="store_true", help="do not rebuild the leaderboard CSV")
-    p.add_argument("--progress", action="store_true", help="show progress bars")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="progress: bars on a terminal, one line per stage in logs (default on)")
     args = p.parse_args(argv)
     if args.template:
         for path in write_template(args.template):
