@@ -67,8 +67,8 @@ def board_main(argv: list[str]) -> int:
         if not args.out:
             raise UserError("arena board plot needs an output directory: arena board plot OUT_DIR")
         plots = importlib.import_module("harness.results.plots")
-        for path in plots.write_plots(work_dirs, Path(args.out), board=df):
-            print(f"wrote {path}")
+        for line in plots.report(plots.write_plots(work_dirs, Path(args.out), board=df)):
+            print(line)  # one line per file written, one per plot skipped and why
         return 0
     if args.action == "html":
         if not args.out:
