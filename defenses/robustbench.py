@@ -81,6 +81,7 @@ def robustbench() -> Any:
     try:
         with _compat_modules(), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # timm's and torch.jit's deprecation notes at import
+            warnings.simplefilter("ignore", DeprecationWarning)
             module = importlib.import_module("robustbench")
             importlib.import_module("robustbench.utils")
     except ImportError as exc:

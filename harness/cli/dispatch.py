@@ -55,10 +55,11 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_stdout()
         return 141
     except KeyboardInterrupt:
-        from harness.core.progress import interrupt_hint
+        from harness.core.progress import interrupt_hint, set_interrupt_hint
 
         name = argv[0] if argv else ""
         hint = interrupt_hint() or INTERRUPTED.get(name, "nothing was written that a rerun cannot redo")
+        set_interrupt_hint(None)
         lead = "\n" if sys.stderr.isatty() else ""  # past the ^C the terminal echoed
         print(f"{lead}arena {name}: interrupted; {hint}", file=sys.stderr)
         return 130
@@ -76,6 +77,9 @@ def _quiet_stdout() -> None:
 
 
 def _main(argv: list[str]) -> int:
+    from harness.core.progress import set_interrupt_hint
+
+    set_interrupt_hint(None)  # a hint belongs to the command that registered it
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0

@@ -42,7 +42,14 @@ FIELDS = ("link", "name", "authors", "additional_data", "number_forward_passes",
 
 
 def eps_text(eps: float) -> str:
-    """RobustBench's eps string: `8/255` when eps is k/255 (to the CSV's four digits), else the number."""
+    """RobustBench's eps string: `8/255` when eps is k/255 (to the CSV's four digits), else the number.
+
+    A radius written as a short decimal (0.2, 0.05, 0.5) stays that decimal even when it is also
+    some k/255 (0.2 is 51/255): people wrote the decimal.
+    """
+    text = repr(float(eps))
+    if len(text.split(".")[-1]) <= 3 and "e" not in text:
+        return text
     k = round(float(eps) * 255)
     if 0 < k <= 64 and abs(float(eps) * 255 - k) <= 1e-3 * k:  # Linf radii such as 2/255, 8/255, 16/255
         return f"{k}/255"
