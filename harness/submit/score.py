@@ -37,6 +37,7 @@ import torch
 
 from harness.submit.bundle import CARD_NAME, Bundle, load_bundle, verify_checksum, write_template
 from harness.core.errors import UserError
+from harness.core.formats import pct
 from harness.core.hashing import file_sha256
 
 FAMILY = "submission"
@@ -361,8 +362,8 @@ def submit(bundle_path: Path | str, opts: SubmitOptions | None = None, log: Call
         result.runs.append(summary)
         result.health[threat.name] = report
         log(format_report(report))
-        log(f"  scored {threat.name} with {suite}: clean {100 * summary['clean_acc']:.2f}%, robust "
-            f"{100 * summary['robust_acc']:.2f}% (n={summary['n_samples']}, seed {seed}); run {summary['run_dir']}")
+        log(f"  scored {threat.name} with {suite}: clean {pct(summary['clean_acc'])}, robust "
+            f"{pct(summary['robust_acc'])} (n={summary['n_samples']}, seed {seed}); run {summary['run_dir']}")
     if opts.board:
         out = Path(opts.work_dir) / "leaderboard" / "evasion.csv"
         leaderboard.build([Path(opts.work_dir)], out)
