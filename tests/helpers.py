@@ -159,18 +159,24 @@ def same(a: Any, b: Any) -> bool:
     return a == b
 
 
+def plugin_of(raw: dict[str, Any]) -> str:
+    """The plugin a config names: `plugin:` when present (then `name` is a parameter), else `name:`."""
+    return raw.get("plugin", raw.get("name"))
+
+
 def mirror_problems(registry, raw: dict[str, Any]) -> list[str]:
     """How a mirror YAML (`raw`, unresolved) differs from its plugin's dataclass; empty when it conforms.
 
     Every field listed, every value equal to the field's default; a field that follows the
     evaluation's threat written `${threat.eps}`; nested recipes may leave out fields at their default.
     """
-    from harness.core.registry import FOLLOWS, field_default, plain
+    from harness.core.registry import FOLLOWS, field_default, keys_of, plain
 
-    cls = registry.get(raw["name"])
+    cls = registry.get(plugin_of(raw))
     problems = []
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    for name, f in fields.items():
+    for name, fname in keys_of(cls).items():
+        f = fields[fname]
         if name not in raw:
             problems.append(f"{name}: missing (default {plain(field_default(f))!r})")
             continue

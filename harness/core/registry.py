@@ -40,11 +40,23 @@ from harness.core.errors import UserError, choices_error, did_you_mean
 
 T = TypeVar("T")
 FOLLOWS = "follows"  # dataclass field metadata key: the context path a field follows when unset
+KEY = "key"  # dataclass field metadata key: the config key of a field named otherwise (see `config_key`)
 
 
 def follows(path: str) -> Any:
     """A field that takes the evaluation's value at `path` (e.g. "threat.eps") unless set (default None)."""
     return dataclasses.field(default=None, metadata={FOLLOWS: path})
+
+
+def config_key(key: str, default: Any) -> Any:
+    """A field whose config key is `key`: a zoo loader's `name:` (the zoo's model name) is field
+    `model_name`, since `name` is the plugin's registered name (the config then says `plugin:`)."""
+    return dataclasses.field(default=default, metadata={KEY: key})
+
+
+def keys_of(cls: type) -> dict[str, str]:
+    """Config key -> field name of a plugin class (the same, except fields made with `config_key`)."""
+    return {f.metadata.get(KEY, f.name): f.name for f in dataclasses.fields(cls) if f.init}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -357,16 +369,19 @@ class Registry(Generic[T]):
         if not isinstance(spec, collections.abc.Mapping):
             raise UserError(f"a {self.kind} must be given as a mapping with a name: key (got {type(spec).__name__})")
         params = dict(spec)
-        name = params.pop("name", None)
+        # `plugin:` names the plugin when `name` is one of its parameters (a zoo's model name)
+        name = params.pop("plugin") if "plugin" in params else params.pop("name", None)
         cls = self.get(name)
         extras = {k: params.pop(k) for k in list(params) if k in self.extras}
         fields_ = {f.name: f for f in dataclasses.fields(cls) if f.init}
+        keys = keys_of(cls)
         for key in params:
-            if key not in fields_:
-                valid = [*fields_, *self.extras]
+            if key not in keys:
+                valid = [*keys, *self.extras]
                 hint = did_you_mean(key, valid)
                 raise UserError(f"{self.kind} {name!r} has no parameter {key!r}; " + (f"{hint} " if hint else "")
                                 + f"valid parameters: {', '.join(valid)}")
+        params = {keys[k]: v for k, v in params.items()}
         for fname, f in fields_.items():
             path = f.metadata.get(FOLLOWS)
             if path and params.get(fname) is None and context and context.get(path) is not None:

@@ -23,7 +23,7 @@ from harness.core.classifier import Classifier
 from harness.core.contract import check_classifier
 from harness.core.defense import BuildContext, build_defense
 from harness.core.hashing import module_hash, tensor_hash
-from harness.core.progress import progress_bar
+from harness.core import progress as progress_ui
 from harness.data.datasets import DatasetSplits
 from harness.data.training import to_unit
 from harness.evasion import adversarial as adv
@@ -170,12 +170,23 @@ def execute(cfg: dict[str, Any], overrides: list[str] | None = None, log: Callab
             state.get()
         elif keep:
             log(f"[arena] run {run.key} already complete; reading its adversarial examples ({run.path})")
-        with progress_bar(n_batches, desc=f"eval {plan.suite_name}", enabled=progress) as bar:
+        if run.path is not None and not done:
+            finished = sum(run.batch_path(b).is_file() for b in range(n_batches))
+            if finished:
+                progress_ui.say(f"resuming run {run.key[:6]}…: {finished} of {n_batches} batches done ({run.path})", progress)
+            again = f"`{manifest_extra['submit_command']}`" if (manifest_extra or {}).get("submit_command") else "the same command"
+            progress_ui.set_interrupt_hint(lambda: f"run {run.key[:6]}… keeps {len(batches)} of {n_batches} finished batches "
+                                                   f"({run.path}); run {again} again to resume")
+        title = f"eval {plan.suite_name}, {plan.threat.name}, n={n}, run {run.key[:6]}…"
+        from harness.results.metrics import stage_counts
+
+        with progress_ui.eval_progress([s.label for s in plan.slots], n, title, enabled=progress) as shown:
             for b in range(n_batches):
                 sl = slice(b * plan.batch_size, (b + 1) * plan.batch_size)
                 records = run.read_batch(b)
                 cand = adv.Candidates.load(adv.batch_path(run.path, b)) if keep and run.path is not None else None
                 if records is None or (keep and cand is None):
+                    shown.batch(b, int(plan.ids[sl].shape[0]), n_batches)
                     fresh_cand = adv.Candidates() if keep else None
                     fresh = evaluate_batch(plan, state.get(), first + b, plan.ids[sl], plan.x[sl], plan.y[sl],
                                            on_verified=fresh_cand.add if fresh_cand is not None else None)
@@ -188,16 +199,18 @@ def execute(cfg: dict[str, Any], overrides: list[str] | None = None, log: Callab
                     cand = fresh_cand
                     if cand is not None and run.path is not None:
                         cand.save(adv.batch_path(run.path, b))
+                else:
+                    shown.resumed(int(plan.ids[sl].shape[0]), stage_counts(records), n_batches)
                 batches.append(records)
                 if cand is not None:
                     cands.append(cand)
-                bar.advance()
     if done:
         summary = run.read_json("summary.json") or {}
     else:
         samples = pd.concat(batches, ignore_index=True)
         summary = summarize(samples, plan, state.defense_info, state.prep, time.perf_counter() - state.start)
         run.finish(samples, summary)
+    progress_ui.set_interrupt_hint(None)
     adversarial = adv.broken(cands, [s.label for s in plan.slots]) if keep else None
     if adversarial is not None and run.path is not None:
         adv.save(run.path, adversarial)
