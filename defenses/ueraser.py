@@ -22,6 +22,9 @@ quality uniform in [10, 100) first (kornia's differentiable codec, per image, on
 images are coded as R=G=B), then the same ops with plasma p = 0.8. kornia draws from the global
 torch RNG, which `harness.training.train` seeds, so a run is deterministic for a seed and device;
 the kornia version joins the checkpoint key (it changes what TrivialAugment samples).
+`policy: auto` (the configs' default) is APBench's pairing: `jpeg` when the training data was
+poisoned by AR or TAP (read from the poisoned split's `meta["poison"]`), `default` otherwise; the
+resolved policy is recorded in the run's manifest (`defense_info.ueraser.policy`).
 """
 from __future__ import annotations
 
@@ -38,6 +41,8 @@ from harness.errors import UserError
 from harness.training import TrainConfig
 
 POLICIES = ("default", "jpeg")
+# APBench's train.py switches UEraser to its JPEG policy for these poisons (`--type ar` / `tap`).
+JPEG_POISONS = ("ar", "tap")
 
 
 def random_jpeg(x: torch.Tensor, low: float = 10.0, high: float = 100.0) -> torch.Tensor:
@@ -105,15 +110,15 @@ class _UEraser(Defense):
 
     default_adv_fraction: ClassVar[float] = 0.0
 
-    def __init__(self, k: int = 5, adv_fraction: float | None = None, policy: str = "default",
+    def __init__(self, k: int = 5, adv_fraction: float | None = None, policy: str = "auto",
                  plasma_p: float | None = None, joint_forward: bool = False, train: dict[str, Any] | None = None) -> None:
         if int(k) < 1:
             raise UserError(f"defense.k={k} must be >= 1 (the number of augmented draws per sample; 5 in UEraser)")
         frac = self.default_adv_fraction if adv_fraction is None else float(adv_fraction)
         if not 0.0 <= frac <= 1.0:
             raise UserError(f"defense.adv_fraction={adv_fraction} must be in [0, 1] (share of epochs using the max-over-K loss)")
-        if policy not in POLICIES:
-            raise UserError(f"defense.policy={policy!r} unknown; use one of: {', '.join(POLICIES)}")
+        if policy not in (*POLICIES, "auto"):
+            raise UserError(f"defense.policy={policy!r} unknown; use one of: auto, {', '.join(POLICIES)}")
         if plasma_p is not None and not 0.0 <= float(plasma_p) <= 1.0:
             raise UserError(f"defense.plasma_p={plasma_p} must be a probability in [0, 1]")
         self.k = int(k)
@@ -141,16 +146,25 @@ class _UEraser(Defense):
 
         return loss
 
+    def resolved_policy(self, poison: str | None) -> str:
+        """The policy actually used: `auto` is `jpeg` for AR/TAP-poisoned data (APBench), else `default`."""
+        if self.policy != "auto":
+            return self.policy
+        return "jpeg" if poison in JPEG_POISONS else "default"
+
     def build(self, ctx: BuildContext) -> Classifier:
         cfg = TrainConfig.from_dict(self.train)
-        policy = UEraserPolicy(self.policy, self.plasma_p).to(ctx.device)
+        poison = (getattr(ctx.data, "meta", None) or {}).get("poison")
+        resolved = self.resolved_policy(poison)
+        policy = UEraserPolicy(resolved, self.plasma_p).to(ctx.device)
         adv = self.adv_epochs(cfg.epochs)
         module, facts = train_defended(ctx, self, loss_fn=self.loss_fn(policy, adv), train_cfg=cfg)
         train = dict(facts.get("train", {}))
         # K views cost K forward and K backward image-passes per sample in the adversarial epochs
         n = int(train.get("backward_passes", 0)) // max(cfg.epochs, 1)
         train["backward_passes"] = int(train.get("backward_passes", 0)) + (self.k - 1) * n * adv
-        facts = {**facts, "train": train, "ueraser": {"k": self.k, "adv_epochs": adv, "policy": self.policy}}
+        facts = {**facts, "train": train, "ueraser": {"k": self.k, "adv_epochs": adv, "policy": resolved,
+                                                  "policy_config": self.policy, "poison_seen": poison}}
         return Classifier(module, ctx.data.num_classes, ctx.data.input_shape, info=facts)
 
 
