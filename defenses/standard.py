@@ -7,6 +7,7 @@ checkpoint.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -40,9 +41,12 @@ def train_defended(
     if module is None:
         torch.manual_seed(ctx.seed)  # initial weights are part of what the cache key promises
         module = build_model(ctx.model_cfg, data.num_classes, data.input_shape)
+    # the resolved recipe joins the key: a default that changes meaning (SGD was silently Nesterov
+    # before `nesterov` existed) must not reuse a checkpoint trained under the old one
+    recipe = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(train_cfg).items()}
     key = stable_hash({
         "defense": defense.name, "params": defense.describe(), "model": ctx.model_cfg,
-        "data": data.fingerprint(), "seed": ctx.seed, "device_type": ctx.device.type,
+        "data": data.fingerprint(), "seed": ctx.seed, "device_type": ctx.device.type, "recipe": recipe,
     })
 
     def run(m: nn.Module) -> dict[str, Any]:
