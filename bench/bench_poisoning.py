@@ -124,15 +124,17 @@ def targets(board, poisons: list[str]) -> list[dict[str, Any]]:
         drop = float(clean["standard"] - row["standard"]) if row.get("standard") == row.get("standard") else float("nan")
         variants = [d for d in means.columns if d.startswith("ueraser") and row[d] == row[d]]
         best = max(variants, key=lambda d: (row[d], seeds.loc[poison, d])) if variants else None
-        self_gap = float(clean[best] - row[best]) if best and clean.get(best) == clean.get(best) else float("nan")
-        clean_gap = float(clean["standard"] - row[best]) if best else float("nan")
+        self_gap = float(clean[best] - row[best]) if best and clean.get(best) == clean.get(best) else None
+        clean_gap = float(clean["standard"] - row[best]) if best else None
         out.append({
             "poison": poison, "standard_acc": round(float(row["standard"]), 2), "standard_drop": round(drop, 2),
             "drop_target_met": bool(drop >= TARGET_DROP),
             "best_ueraser": best, "best_ueraser_acc": round(float(row[best]), 2) if best else None,
             "best_ueraser_seeds": int(seeds.loc[poison, best]) if best else 0,
-            "gap_to_itself_clean": round(self_gap, 2), "self_target_met": bool(self_gap <= TARGET_SELF) if best else None,
-            "gap_to_clean_standard": round(clean_gap, 2), "clean_target_met": bool(clean_gap <= TARGET_CLEAN) if best else None,
+            "gap_to_itself_clean": None if self_gap is None else round(self_gap, 2),
+            "self_target_met": None if self_gap is None else bool(self_gap <= TARGET_SELF),
+            "gap_to_clean_standard": None if clean_gap is None else round(clean_gap, 2),
+            "clean_target_met": None if clean_gap is None else bool(clean_gap <= TARGET_CLEAN),
         })
     return out
 
@@ -219,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
                              "run_wall_s": round(float(summary.get("run_wall_s", 0.0)), 1),
                              "poison_wall_s": round(float(summary.get("poison_wall_s", 0.0)), 1),
                              "poison_cache_hit": bool(summary.get("poison_cache_hit"))})
+    done = {(c["poison"], c["defense"], c["seed"]) for c in per_cell}
+    missing = [c for c in cells(args) if c not in done]
     keep = ("--report-only", "--no-report", "--leaderboard")
     kept = [a for i, a in enumerate(argv) if not a.startswith(keep) and not (i > 0 and argv[i - 1] == "--leaderboard")]
     command = " ".join(["python bench/bench_poisoning.py", *(shlex.quote(a) for a in kept)]).strip()
@@ -231,11 +235,12 @@ def main(argv: list[str] | None = None) -> int:
     print(matrix(board, "final_acc", beside="train_acc").to_string())
     print(f"\ntargets: standard drop >= {TARGET_DROP}; best UEraser within {TARGET_SELF} of itself on clean data "
           f"and within {TARGET_CLEAN} of clean standard training")
+    verdict = {True: "met", False: "MISSED", None: "not run"}
     for c in checks:
-        print(f"  {c['poison']:>5}: standard {c['standard_acc']} (drop {c['standard_drop']}, {'met' if c['drop_target_met'] else 'MISSED'}); "
-              f"best UEraser {c['best_ueraser']} {c['best_ueraser_acc']} ({c['best_ueraser_seeds']} seeds): "
-              f"gap to itself clean {c['gap_to_itself_clean']} ({'met' if c['self_target_met'] else 'MISSED'}), "
-              f"to clean standard {c['gap_to_clean_standard']} ({'met' if c['clean_target_met'] else 'MISSED'})")
+        print(f"  {c['poison']:>5}: standard {c['standard_acc']} (drop {c['standard_drop']}, {verdict[c['drop_target_met']]}); "
+              f"best UEraser {c['best_ueraser'] or '(not run)'} {c['best_ueraser_acc']} ({c['best_ueraser_seeds']} seeds): "
+              f"gap to itself clean {c['gap_to_itself_clean']} ({verdict[c['self_target_met']]}), "
+              f"to clean standard {c['gap_to_clean_standard']} ({verdict[c['clean_target_met']]})")
     print(f"\nthis invocation {wall:.0f}s; the stored runs' wall times sum to {run_wall:.0f}s")
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -247,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         "matrix_best_acc": json.loads(matrix(board, "best_acc").to_json(orient="index")),
         "matrix_train_acc": json.loads(matrix(board, "train_acc").to_json(orient="index")),
         "targets": checks, "poison_evidence": evidence, "cells": per_cell, "this_invocation": timings,
+        "planned_cells_not_run": [{"poison": p, "defense": d, "seed": s} for p, d, s in missing],
         "rows": json.loads(board.drop(columns=["git"]).to_json(orient="records")),
     }
     (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
@@ -273,9 +279,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{TARGET_CLEAN:g} of clean standard training.", "",
         "| poison | standard | drop | >= 40? | best UEraser (seeds) | its acc | gap to itself, clean | <= 5? | gap to clean standard | <= 10? |",
         "|---|---|---|---|---|---|---|---|---|---|",
-        *[f"| {c['poison']} | {c['standard_acc']} | {c['standard_drop']} | {yes[c['drop_target_met']]} | {c['best_ueraser']} "
-          f"({c['best_ueraser_seeds']}) | {c['best_ueraser_acc']} | {c['gap_to_itself_clean']} | {yes[c['self_target_met']]} | "
-          f"{c['gap_to_clean_standard']} | {yes[c['clean_target_met']]} |" for c in checks], "",
+        *[f"| {c['poison']} | {c['standard_acc']} | {c['standard_drop']} | {yes[c['drop_target_met']]} | "
+          f"{c['best_ueraser'] or 'not run'} ({c['best_ueraser_seeds']}) | {fmt(c['best_ueraser_acc'], 2)} | "
+          f"{fmt(c['gap_to_itself_clean'], 2)} | {yes[c['self_target_met']]} | "
+          f"{fmt(c['gap_to_clean_standard'], 2)} | {yes[c['clean_target_met']]} |" for c in checks], "",
         "## What reached the images (standard training's runs)", "",
         "`nominal` is the poison's own float perturbation (its budget); `effective` what is left in the uint8 "
         "images after clipping to [0, 1] and quantisation, in the budget's norm (mean over poisoned samples).", "",
@@ -300,6 +307,10 @@ def main(argv: list[str] | None = None) -> int:
         *[f"| {c['poison']} | {c['defense']} | {c['seed']} | {c['train_wall_s']} | {c['run_wall_s']} | "
           f"{c['poison_wall_s'] if not c['poison_cache_hit'] else 'cached'} |" for c in per_cell], "",
     ]
+    if missing:
+        md += [f"## Planned cells not run yet ({len(missing)} of {len(cells(args))})", "",
+               "The benchmark is resumable: the same command runs only these.", "",
+               ", ".join(f"{p}/{d}/seed {s}" for p, d, s in missing), ""]
     (args.out / f"{args.name}.md").write_text("\n".join(md))
     print(f"wrote {args.out / (args.name + '.json')} and {args.out / (args.name + '.md')}")
     return 0
