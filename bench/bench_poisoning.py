@@ -82,8 +82,8 @@ def run_cells(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Run (or skip, when stored) every planned cell in this process; return what each took."""
     from hydra import compose, initialize_config_dir
 
-    from harness.hydra_app import CONF_DIR, to_plain
-    from harness.poisoning import run_poison
+    from harness.cli.hydra_app import CONF_DIR, to_plain
+    from harness.poisoning.run import run_poison
 
     timings = []
     start = time.perf_counter()
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from harness.poison_board import build_table, matrix, matrix_markdown
+    from harness.poisoning.board import build_table, matrix, matrix_markdown
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     poisons, defenses = csv_list(args.poisons), sorted(set(csv_list(args.defenses)) | set(csv_list(args.extra_defenses)))
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     if board["setting"].nunique() > 1:
         raise SystemExit(f"{args.work_dir} holds runs of {board['setting'].nunique()} settings; use one work dir per experiment")
     if args.leaderboard is not None:
-        from harness.leaderboard import write_csv
+        from harness.evasion.board import write_csv
 
         write_csv(board, args.leaderboard)
     checks = targets(board, poisons)
