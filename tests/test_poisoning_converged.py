@@ -11,12 +11,12 @@ from hydra import compose, initialize_config_dir
 
 import attacks.poisons  # noqa: F401
 from attacks.poisons import build_poison, generate
-from harness.datasets import load_dataset
-from harness.errors import UserError
-from harness.hydra_app import CONF_DIR, to_plain
-from harness.poison_board import build_table
-from harness.poisoning import defense_spec, plan, run_poison
-from harness.training import TrainConfig, lr_factor, make_optimizer
+from harness.data.datasets import load_dataset
+from harness.core.errors import UserError
+from harness.cli.hydra_app import CONF_DIR, to_plain
+from harness.poisoning.board import build_table
+from harness.poisoning.run import defense_spec, plan, run_poison
+from harness.data.training import TrainConfig, lr_factor, make_optimizer
 
 CPU = torch.device("cpu")
 
