@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from harness.core import progress
 from harness.core.attack import Attack, AttackResult, register
 from harness.core.access import Capability, ModelAccess
 from harness.core.errors import UserError
@@ -93,5 +94,6 @@ class AutoAttackRef(Attack):
             robust[idx[fooled]] = False
             for i in idx[fooled].tolist():
                 stage[i] = comp
+            progress.substage(comp, int(robust.sum()), int(x.shape[0]))  # robust accuracy per component, as it goes
         return AttackResult(x_adv, stage=stage, extras={"components": components})
 

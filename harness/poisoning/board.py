@@ -210,7 +210,7 @@ def matrix(df: pd.DataFrame, value: str = "final_acc", beside: str | None = None
         mean, std = row[mean_col], row[std_col]
         if mean != mean:
             return ""
-        text = f"{mean:.2f} ± {std:.2f}" if std == std else f"{mean:.2f}"
+        text = f"{mean:.1f} ± {std:.1f}" if std == std else f"{mean:.1f}"  # one decimal, as every human surface
         if beside is not None:
             other = row.get(f"{beside}_mean", float("nan"))
             text += f" [{other:.1f}]" if other == other else ""
