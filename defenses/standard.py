@@ -7,7 +7,7 @@ checkpoint.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -54,9 +54,12 @@ def train_defended(
     if module is None:
         torch.manual_seed(ctx.seed)  # initial weights are part of what the cache key promises
         module = build_model(ctx.model_cfg, data.num_classes, data.input_shape)
-    key = stable_hash({  # the resolved model (defaults included): a changed default is a new checkpoint
+    # the resolved recipe joins the key: a default that changes meaning (SGD was silently Nesterov
+    # before `nesterov` existed) must not reuse a checkpoint trained under the old one
+    recipe = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(train_cfg).items()}
+    key = stable_hash({
         "defense": defense.name, "params": defense.describe(), "model": model_spec(ctx.model_cfg),
-        "data": data.fingerprint(), "seed": ctx.seed, "device_type": ctx.device.type,
+        "data": data.fingerprint(), "seed": ctx.seed, "device_type": ctx.device.type, "recipe": recipe,
     })
 
     def run(m: nn.Module) -> dict[str, Any]:

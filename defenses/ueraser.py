@@ -22,6 +22,9 @@ quality uniform in [10, 100) first (kornia's differentiable codec, per image, on
 images are coded as R=G=B), then the same ops with plasma p = 0.8. kornia draws from the global
 torch RNG, which `harness.data.training.train` seeds, so a run is deterministic for a seed and device;
 the kornia version joins the checkpoint key (it changes what TrivialAugment samples).
+`policy: auto` (the configs' default) is APBench's pairing: `jpeg` when the training data was
+poisoned by AR or TAP (read from the poisoned split's `meta["poison"]`), `default` otherwise; the
+resolved policy is recorded in the run's manifest (`defense_info.ueraser.policy`).
 """
 from __future__ import annotations
 
@@ -39,6 +42,8 @@ from harness.core.errors import UserError
 from harness.data.training import TrainConfig
 
 POLICIES = ("default", "jpeg")
+# APBench's train.py switches UEraser to its JPEG policy for these poisons (`--type ar` / `tap`).
+JPEG_POISONS = ("ar", "tap")
 
 
 def random_jpeg(x: torch.Tensor, low: float = 10.0, high: float = 100.0) -> torch.Tensor:
@@ -107,7 +112,7 @@ class _UEraser(Defense):
 
     k: int = 5
     adv_fraction: float = 0.0
-    policy: str = "default"
+    policy: str = "auto"  # jpeg for AR/TAP-poisoned data (APBench), default otherwise
     plasma_p: float | None = None
     joint_forward: bool = False
     train: TrainConfig = recipe(**STANDARD_RECIPE)
@@ -117,8 +122,8 @@ class _UEraser(Defense):
             raise UserError(f"defense.k={self.k} must be >= 1 (the number of augmented draws per sample; 5 in UEraser)")
         if not 0.0 <= self.adv_fraction <= 1.0:
             raise UserError(f"defense.adv_fraction={self.adv_fraction} must be in [0, 1] (share of epochs using the max-over-K loss)")
-        if self.policy not in POLICIES:
-            raise UserError(f"defense.policy={self.policy!r} unknown; use one of: {', '.join(POLICIES)}")
+        if self.policy not in (*POLICIES, "auto"):
+            raise UserError(f"defense.policy={self.policy!r} unknown; use one of: auto, {', '.join(POLICIES)}")
         if self.plasma_p is not None and not 0.0 <= float(self.plasma_p) <= 1.0:
             raise UserError(f"defense.plasma_p={self.plasma_p} must be a probability in [0, 1]")
 
@@ -140,16 +145,25 @@ class _UEraser(Defense):
 
         return loss
 
+    def resolved_policy(self, poison: str | None) -> str:
+        """The policy actually used: `auto` is `jpeg` for AR/TAP-poisoned data (APBench), else `default`."""
+        if self.policy != "auto":
+            return self.policy
+        return "jpeg" if poison in JPEG_POISONS else "default"
+
     def build(self, ctx: BuildContext) -> Classifier:
         cfg = self.train
-        policy = UEraserPolicy(self.policy, self.plasma_p).to(ctx.device)
+        poison = (getattr(ctx.data, "meta", None) or {}).get("poison")
+        resolved = self.resolved_policy(poison)
+        policy = UEraserPolicy(resolved, self.plasma_p).to(ctx.device)
         adv = self.adv_epochs(cfg.epochs)
         module, facts = train_defended(ctx, self, loss_fn=self.loss_fn(policy, adv), train_cfg=cfg)
         train = dict(facts.get("train", {}))
         # K views cost K forward and K backward image-passes per sample in the adversarial epochs
         n = int(train.get("backward_passes", 0)) // max(cfg.epochs, 1)
         train["backward_passes"] = int(train.get("backward_passes", 0)) + (self.k - 1) * n * adv
-        facts = {**facts, "train": train, "ueraser": {"k": self.k, "adv_epochs": adv, "policy": self.policy}}
+        facts = {**facts, "train": train, "ueraser": {"k": self.k, "adv_epochs": adv, "policy": resolved,
+                                                  "policy_config": self.policy, "poison_seen": poison}}
         return Classifier(module, ctx.data.num_classes, ctx.data.input_shape, info=facts)
 
 

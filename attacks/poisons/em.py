@@ -18,7 +18,7 @@ Runs batched on the context's device; deterministic under the seed on a given de
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from harness.core.poison import Budget, Poison, PoisonContext, register_poison
 from harness.core.errors import UserError
+from harness.core.registry import follows
 from harness.data.models import build_model
 from harness.core.progress import progress_bar
 
@@ -47,9 +48,9 @@ class EM(Poison):
     grad_clip: float = 5.0
     batch_size: int = 128
     stop_acc: float = 0.99
-    max_rounds: int = 10
+    max_rounds: int = 30  # the stated cap; the reference loops until stop_acc (manifest: trajectory, converged)
     init: str = "zeros"
-    surrogate: dict[str, Any] = field(default_factory=lambda: {"name": "small_cnn"})
+    surrogate: dict[str, Any] | None = follows("model")  # unset: the run's own architecture (else small_cnn)
 
     def validate(self) -> None:
         if not 0 < float(self.eps) <= 1:
@@ -73,7 +74,7 @@ class EM(Poison):
         order_gen = torch.Generator().manual_seed(int(ctx.seed))
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(int(ctx.seed))
-            model = build_model(self.surrogate, ctx.num_classes, tuple(x.shape[1:])).to(device)
+            model = build_model(self.surrogate or {"name": "small_cnn"}, ctx.num_classes, tuple(x.shape[1:])).to(device)
         opt = torch.optim.SGD(model.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
         if self.init == "uniform":
             delta = (torch.rand(x.shape, generator=gen, device=device) * 2 - 1) * self.eps

@@ -66,7 +66,8 @@ def board_main(argv: list[str]) -> int:
             return 0
         df = leaderboard.read(csv)
         if args.matrix:
-            print(board.matrix(df).to_string())
+            print("clean test accuracy (%), final epoch, mean ± std over seeds [training accuracy on the data the defender got]")
+            print(board.matrix(df, beside="train_acc").to_string())
             return 0
         if args.action == "show" and not args.columns:
             for col in ("dataset", "defense"):

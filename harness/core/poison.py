@@ -131,12 +131,13 @@ REGISTRY = POISONS  # the older name
 register_poison = POISONS.register
 
 
-def build_poison(spec: dict[str, Any]) -> Poison:
+def build_poison(spec: dict[str, Any], context: dict[str, Any] | None = None) -> Poison:
     """Instantiate a poison from its config mapping (`name`, optional `ratio` and `label`, parameters).
 
     `label` only names a variant on the leaderboard (e.g. a non-default budget); it changes nothing.
+    `context` holds the run's values that `follows` fields take when unset (EM's surrogate: `model`).
     """
-    return POISONS.build(dict(spec or {}))
+    return POISONS.build(dict(spec or {}), context)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,9 +241,11 @@ def generate(poison: Poison, x: torch.Tensor, y: torch.Tensor, *, num_classes: i
             raise PoisonBudgetError(f"poison {poison.name!r} returned delta of shape {tuple(delta.shape)} for images {tuple(x.shape)}")
         if not bool(torch.isfinite(delta).all()):
             raise PoisonBudgetError(f"poison {poison.name!r} returned non-finite perturbations")
+        nominal = budget.norms(delta[mask.to(delta.device)].cpu())
         written = quantize_within_budget(x[mask], delta[mask.to(delta.device)], budget)
     else:
         written = x[mask].clone()
+        nominal = torch.zeros(0, dtype=torch.float64)
     wall = time.perf_counter() - start
     norms = check_budget(x[mask], written, budget, poison.name)  # every written sample
     out = x.clone()
@@ -253,6 +256,11 @@ def generate(poison: Poison, x: torch.Tensor, y: torch.Tensor, *, num_classes: i
         "n_train": int(len(x)), "n_poisoned": int(mask.sum()),
         "norm_max": float(norms.max()) if len(norms) else 0.0,
         "norm_mean": float(norms.mean()) if len(norms) else 0.0,
+        # the poison's own (float) perturbation before clipping to [0, 1] and uint8 quantisation:
+        # norm_mean / nominal_norm_mean is the share of the budget that survives in the images
+        "nominal_norm_mean": float(nominal.mean()) if len(nominal) else 0.0,
+        "effective_norm_fraction": (float(norms.mean() / nominal.mean()) if len(nominal) and float(nominal.mean()) > 0
+                                    else None),
         "changed_fraction": float((out != x).flatten(1).any(dim=1).float().mean()) if len(x) else 0.0,
         "wall_s": round(wall, 3), **ctx.facts,
     }

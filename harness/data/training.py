@@ -24,7 +24,7 @@ LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, int], torch.Tensor]
 """(model, x in [0, 1] on device, y, epoch) -> scalar loss. The model is in train mode."""
 
 OPTIMIZERS = ("sgd", "adam")
-SCHEDULES = ("cosine", "step", "constant")
+SCHEDULES = ("cosine", "onecycle", "step", "constant")
 AUGMENTS = ("none", "crop", "crop_flip")
 
 
@@ -37,9 +37,14 @@ class TrainConfig:
     optimizer: str = "sgd"
     lr: float = 0.05
     momentum: float = 0.9
+    nesterov: bool = False  # SGD only; off unless asked (recorded in every manifest via the recipe)
     weight_decay: float = 5e-4
     schedule: str = "cosine"
+    warmup: float = 0.15  # onecycle only: share of the steps spent ramping the lr up linearly from lr/25
+    milestones: tuple[float, ...] = (0.5, 0.75)  # step only: fractions of training where the lr is multiplied by gamma
+    gamma: float = 0.1  # step only (APBench CIFAR: milestones [0.5], gamma 0.5 = x0.5 at epoch 100 of 200)
     augment: str = "none"
+    crop_pad: int | None = None  # zero padding of the random crop (null: 4 on >= 28 px images, as CIFAR's 32/4; else 2)
     shuffle: bool = True
 
     def __post_init__(self) -> None:
@@ -49,10 +54,21 @@ class TrainConfig:
             raise UserError(f"train.schedule={self.schedule!r} unknown; use one of: {', '.join(SCHEDULES)}")
         if self.augment not in AUGMENTS:
             raise UserError(f"train.augment={self.augment!r} unknown; use one of: {', '.join(AUGMENTS)}")
+        if self.crop_pad is not None and not 0 <= int(self.crop_pad) <= 16:
+            raise UserError(f"train.crop_pad={self.crop_pad} must be in 0..16 pixels (or null for the default)")
         if self.epochs < 0:
             raise UserError(f"train.epochs={self.epochs} must be >= 0")
         if self.batch_size <= 0:
             raise UserError(f"train.batch_size={self.batch_size} must be > 0")
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum <= 0):
+            raise UserError(f"train.nesterov=true needs train.optimizer=sgd and train.momentum > 0 "
+                            f"(got {self.optimizer}, momentum {self.momentum}); set train.nesterov=false")
+        self.milestones = tuple(float(m) for m in self.milestones)
+        if any(not 0.0 <= m <= 1.0 for m in self.milestones) or not self.gamma > 0:
+            raise UserError(f"train.milestones={list(self.milestones)} must be fractions in [0, 1] and "
+                            f"train.gamma={self.gamma} > 0 (e.g. milestones [0.5, 0.75], gamma 0.1)")
+        if not 0.0 <= self.warmup < 1.0:
+            raise UserError(f"train.warmup={self.warmup} must be in [0, 1) (share of steps of the onecycle ramp)")
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any] | None) -> "TrainConfig":
@@ -75,6 +91,7 @@ class TrainStats:
     wall_s: float = 0.0
     final_loss: float = float("nan")
     train_acc: float = float("nan")
+    recipe: dict[str, Any] = field(default_factory=dict)  # the resolved TrainConfig (optimizer, nesterov, schedule, ...)
     history: list[dict[str, float]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -94,7 +111,7 @@ def to_unit(x_u8: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x_u8.to(device, non_blocking=True).float().div_(255.0)
 
 
-def augment_batch(x: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:
+def augment_batch(x: torch.Tensor, kind: str, generator: torch.Generator, pad: int | None = None) -> torch.Tensor:
     """Random crop (zero padding 4, as in the CIFAR recipe) and optional horizontal flip.
 
     Vectorised on the batch's device: one padded copy and a gather, no per-image Python loop.
@@ -102,7 +119,7 @@ def augment_batch(x: torch.Tensor, kind: str, generator: torch.Generator) -> tor
     if kind == "none":
         return x
     n, _, h, w = x.shape
-    pad = 4 if h >= 28 else 2
+    pad = (4 if h >= 28 else 2) if pad is None else int(pad)
     padded = F.pad(x, (pad, pad, pad, pad))
     dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=x.device)
     dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=x.device)
@@ -117,17 +134,23 @@ def augment_batch(x: torch.Tensor, kind: str, generator: torch.Generator) -> tor
 
 
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam, or SGD with heavy-ball momentum (Nesterov only with `nesterov: true`, as in APBench's plain SGD)."""
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=bool(cfg.nesterov))
 
 
 def lr_factor(cfg: TrainConfig, step: int, total: int) -> float:
     """Learning-rate multiplier at `step` of `total` (per-step schedules are batch-size agnostic)."""
     if cfg.schedule == "cosine":
         return 0.5 * (1 + math.cos(math.pi * step / max(total, 1)))
+    if cfg.schedule == "onecycle":  # linear ramp from 1/25 to 1 over `warmup` of the steps, then cosine to 0
+        ramp = cfg.warmup * total
+        if step < ramp:
+            return 0.04 + 0.96 * step / ramp
+        return 0.5 * (1 + math.cos(math.pi * (step - ramp) / max(total - ramp, 1)))
     if cfg.schedule == "step":
-        return 0.1 ** (int(step >= 0.5 * total) + int(step >= 0.75 * total))
+        return cfg.gamma ** sum(int(step >= m * total) for m in cfg.milestones)
     return 1.0
 
 
@@ -164,7 +187,7 @@ def train(
     n = x.shape[0]
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
-    stats = TrainStats()
+    stats = TrainStats(recipe={k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()})
     start = time.perf_counter()
     step = 0
     tap = OutputTap(model)  # the logits the loss saw, for the bar's running accuracy
@@ -177,7 +200,7 @@ def train(
             seen = 0
             for b in range(steps_per_epoch):
                 idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-                xb = augment_batch(to_unit(x[idx], device), cfg.augment, gen)
+                xb = augment_batch(to_unit(x[idx], device), cfg.augment, gen, cfg.crop_pad)
                 yb = y[idx].to(device, non_blocking=True)
                 for g, base in zip(opt.param_groups, base_lrs):
                     g["lr"] = base * lr_factor(cfg, step, total)

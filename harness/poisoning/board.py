@@ -12,7 +12,8 @@ recipe (the defense's `train:`), train/test subsets and device type. Poison and 
 belong to the poison and defense: a non-default variant shows as `name#hash` (or its `label:`),
 so rows are never averaged across different configurations. `clean_acc` is the same defense in the
 same setting trained on clean data (poison=none), and `acc_drop` = clean_acc - final_acc_mean,
-the poison's damage.
+the poison's damage to that defense; `clean_standard_acc` / `drop_vs_clean_standard` measure the
+same row against clean *standard* training (what a defense must recover to be useful).
 """
 from __future__ import annotations
 
@@ -30,14 +31,15 @@ KEY = ["poison", "defense", "dataset", "model", "ratio"]
 COLUMNS = [
     *KEY, "setting", "n_seeds", "seeds",
     "final_acc_mean", "final_acc_std", "best_acc_mean", "best_acc_std",
-    "train_acc_mean", "train_acc_std", "clean_acc", "acc_drop",
+    "train_acc_mean", "train_acc_std", "clean_acc", "acc_drop", "clean_standard_acc", "drop_vs_clean_standard",
     "epochs", "n_train", "n_poisoned", "n_test",
     "train_time_s", "train_forward_per_sample", "train_backward_per_sample", "poison_time_s",
     "device_type", "config_hashes", "harness_version", "git", "finished", "command",
 ]
 # The columns `arena board --track poisoning` shows by default (the CSV has all of COLUMNS).
 VIEW_COLUMNS = ["poison", "defense", "dataset", "model", "ratio", "n_seeds", "final_acc_mean", "final_acc_std",
-                "best_acc_mean", "train_acc_mean", "clean_acc", "acc_drop", "epochs", "n_train", "train_time_s"]
+                "best_acc_mean", "train_acc_mean", "clean_acc", "acc_drop", "drop_vs_clean_standard", "epochs", "n_train",
+                "train_time_s"]
 POISON_ORDER = ["none", "lsp", "ar", "ops", "em"]
 DEFENSE_ORDER = ["standard", "ueraser_lite", "ueraser", "ueraser_max", "pgd_at", "iss_jpeg", "iss_gray", "iss_bdr",
                  "cutout", "mixup", "cutmix"]
@@ -130,12 +132,15 @@ def build_table(work_dir: Path) -> pd.DataFrame:
     runs["defense"] = _labels(runs, "defense")
     # clean reference: the same defense, data and setting trained on clean data (poison=none)
     clean = runs[runs["poison_name"] == "none"].groupby(["defense", "dataset", "model", "setting"])["final_acc"].mean()
+    clean_std = runs[(runs["poison_name"] == "none") & (runs["defense"] == "standard")]
+    clean_std = clean_std.groupby(["dataset", "model", "setting"])["final_acc"].mean()
     rows = []
     for _, group in runs.groupby(KEY + ["setting"], sort=True, dropna=False):
         group = group.sort_values(["seed", "config_hash"], kind="stable")
         first = group.iloc[0]
         seeds = [int(s) for s in group["seed"]]
         ref = clean.get((first["defense"], first["dataset"], first["model"], first["setting"]), float("nan"))
+        ref_std = clean_std.get((first["dataset"], first["model"], first["setting"]), float("nan"))
         final_mean = float(group["final_acc"].mean())
         rows.append({
             **{k: first[k] for k in KEY}, "setting": first["setting"],
@@ -144,6 +149,8 @@ def build_table(work_dir: Path) -> pd.DataFrame:
             "best_acc_mean": _pct(group["best_acc"].mean()), "best_acc_std": _pct(_std(group["best_acc"])),
             "train_acc_mean": _pct(group["train_acc"].mean()), "train_acc_std": _pct(_std(group["train_acc"])),
             "clean_acc": _pct(ref), "acc_drop": _pct(ref - final_mean) if ref == ref else float("nan"),
+            "clean_standard_acc": _pct(ref_std),
+            "drop_vs_clean_standard": _pct(ref_std - final_mean) if ref_std == ref_std else float("nan"),
             "epochs": int(first["epochs"]), "n_train": int(first["n_train"]), "n_poisoned": int(first["n_poisoned"]),
             "n_test": int(first["n_test"]),
             "train_time_s": round(float(group["train_time_s"].mean()), 1),
@@ -187,11 +194,12 @@ def build_poisoning_board(work_dir: Path, out_csv: Path) -> pd.DataFrame:
     return df
 
 
-def matrix(df: pd.DataFrame, value: str = "final_acc") -> pd.DataFrame:
+def matrix(df: pd.DataFrame, value: str = "final_acc", beside: str | None = None) -> pd.DataFrame:
     """Poison x defense matrix of `<value>_mean ± <value>_std` (percent) from a board DataFrame.
 
     With several (dataset, model, ratio) combinations in `df` the rows carry them too. Cells with a
-    single seed show the mean alone.
+    single seed show the mean alone. `beside="train_acc"` appends that column's mean in brackets
+    (`85.10 ± 0.40 [99.9]`: clean test accuracy with the training accuracy beside it).
     """
     mean_col, std_col = f"{value}_mean", f"{value}_std"
     if df.empty:
@@ -202,7 +210,11 @@ def matrix(df: pd.DataFrame, value: str = "final_acc") -> pd.DataFrame:
         mean, std = row[mean_col], row[std_col]
         if mean != mean:
             return ""
-        return f"{mean:.1f} ± {std:.1f}" if std == std else f"{mean:.1f}"  # one decimal, as every human surface
+        text = f"{mean:.1f} ± {std:.1f}" if std == std else f"{mean:.1f}"  # one decimal, as every human surface
+        if beside is not None:
+            other = row.get(f"{beside}_mean", float("nan"))
+            text += f" [{other:.1f}]" if other == other else ""
+        return text
 
     cells["cell"] = cells.apply(cell, axis=1)
     context = [c for c in ("dataset", "model", "ratio", "setting") if cells[c].nunique() > 1]
@@ -218,9 +230,9 @@ def matrix(df: pd.DataFrame, value: str = "final_acc") -> pd.DataFrame:
     return table
 
 
-def matrix_markdown(df: pd.DataFrame, value: str = "final_acc") -> str:
+def matrix_markdown(df: pd.DataFrame, value: str = "final_acc", beside: str | None = None) -> str:
     """The matrix as a Markdown table (for bench results and docs)."""
-    table = matrix(df, value)
+    table = matrix(df, value, beside)
     if table.empty:
         return "(no runs)\n"
     index_names = [n or "poison" for n in (table.index.names or ["poison"])]

@@ -147,7 +147,7 @@ def run_poison(cfg: dict[str, Any], overrides: list[str] | None = None, log=prin
         log(f"poison run {run.key} already finished: final clean test acc {pct(summary.get('final_test_acc'))}")
         return summary
     seed = int(semantic["seed"])
-    poison = build_poison(semantic["poison"])
+    poison = build_poison(semantic["poison"], {"model": dict(cfg.get("model") or {})})
     threat = training_threat(cfg)
     defense = build_defense(dict(semantic["defense"]), threat)
     work_dir = Path(str(cfg.get("work_dir", "arena-work")))

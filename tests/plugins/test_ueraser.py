@@ -117,7 +117,8 @@ def test_ueraser_max_trains_end_to_end_on_real_digits(digits, tmp_path):
     clf = defense.build(ctx)
     assert seen == [0, 1]
     info = clf.info
-    assert info["ueraser"] == {"k": 2, "adv_epochs": 2, "policy": "default"}
+    # policy auto on clean data (no poison in the split's meta) resolves to the default policy
+    assert info["ueraser"] == {"k": 2, "adv_epochs": 2, "policy": "default", "policy_config": "auto", "poison_seen": None}
     n = len(digits.train_y)
     # K = 2 views per sample in both epochs: 2 forward passes per sample and epoch (+1 for train_acc)
     assert info["train"]["forward_passes"] >= 2 * 2 * n
