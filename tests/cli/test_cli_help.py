@@ -27,7 +27,7 @@ def test_poison_help_is_about_poison(capsys):
     assert out.startswith("arena poison: the poisoning track.")
     assert "powered by Hydra" not in out and "hydra_app" not in out
     groups = _groups(out)
-    assert list(groups) == ["dataset", "model", "poison", "defense"]  # conf/poison.yaml's defaults, nothing else
+    assert list(groups) == ["dataset", "model", "poison", "defense", "experiment"]  # conf/poison.yaml's defaults, nothing else
     assert groups["poison"] == group_options("poison")
     assert "arena poison -m poison=lsp,ar,ops,em" in out  # examples of this command
 
