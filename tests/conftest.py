@@ -12,7 +12,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+SHARED = Path(os.environ.get("ARENA_SHARED") or REPO.parent / "shared")  # ARENA_SHARED: a checkout elsewhere
 
 
 def shared_path(*parts: str) -> Path:

@@ -19,3 +19,11 @@ class UserError(Exception):
 def choices_error(kind: str, value: object, valid: list[str] | tuple[str, ...]) -> UserError:
     """Error for an unknown name among a fixed set of choices, listing the valid ones."""
     return UserError(f"unknown {kind} {value!r}; choose one of: {', '.join(sorted(valid))}")
+
+
+class AttackVoided(UserError):
+    """An attack broke a rule of the judge (touched the model, its inputs or the query tally).
+
+    The stage is void: its batch is not recorded, no sample counts as broken, and the run stops
+    (the model in memory may be corrupt). One line that names the attack, exit status 2.
+    """

@@ -1,8 +1,12 @@
 """Run one evaluation: build the defense, check the contract, prepare the attacks, then the
 cascade batch by batch (resuming finished batches), and finish the run directory.
+
+The manifest is written just before the first batch is: a run that fails on its first batch
+(a bad model output, a void attack) leaves nothing behind.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +20,8 @@ from harness.core.defense import BuildContext, build_defense
 from harness.core.hashing import module_hash, tensor_hash
 from harness.core.progress import progress_bar
 from harness.data.training import to_unit
-from harness.evasion.cascade import evaluate_batch
+from harness.evasion.cascade import evaluate_batch, run_snapshot
+from harness.evasion.judge import model_self_changes, void
 from harness.evasion.plan import EvalPlan, plan_evaluation
 from harness.results.store import base_manifest
 
@@ -56,14 +61,26 @@ def run_evaluation(cfg: dict[str, Any], overrides: list[str] | None = None, log=
     torch.manual_seed(plan.seed)  # model initialisation inside build(): a rerun (resume) builds the same model
     clf = defense.build(BuildContext(data=plan.data, model_cfg=dict(cfg.get("model") or {}), device=plan.device,
                                      seed=plan.seed, cache_dir=cache_dir, progress=progress)).to(plan.device)
-    check_classifier(clf, to_unit(plan.x[: min(8, plan.x.shape[0])], plan.device))
+    probe = to_unit(plan.x[: min(8, plan.x.shape[0])], plan.device)
+    check_classifier(clf, probe)
+    snapshot = run_snapshot(clf)  # the judge's private copy: compared before and after every attack stage
+    with torch.no_grad():
+        clf.module(probe)
+    err = model_self_changes(snapshot, "a forward pass on the contract probe")
+    if err is not None:
+        raise err
     model_key = module_hash(clf.module)
     start = time.perf_counter()
     prep: dict[str, Any] = {}
     for slot in plan.slots:
+        # copies: prepare() may read the classifier and the evaluation images, never rebind or rewrite them
         facts = slot.attack.prepare(PrepareContext(
-            classifier=clf, train_x=plan.data.train_x, train_y=plan.data.train_y, eval_x=plan.x,
+            classifier=dataclasses.replace(clf, views=dict(clf.views), info=dict(clf.info)),
+            train_x=plan.data.train_x, train_y=plan.data.train_y, eval_x=plan.x.clone(),
             cache_dir=cache_dir, device=plan.device, seed=plan.seed, model_key=model_key, progress=progress))
+        problem = snapshot.changes()
+        if problem is not None:
+            raise void(slot.label, "in prepare()", problem)
         if facts:
             prep[slot.label] = facts
     manifest = {
@@ -78,7 +95,7 @@ def run_evaluation(cfg: dict[str, Any], overrides: list[str] | None = None, log=
         **plan.extra,
         **(manifest_extra or {}),
     }
-    run.write_manifest(manifest)
+    manifest_written = False
     n = plan.x.shape[0]
     batches = []
     n_batches = (n + plan.batch_size - 1) // plan.batch_size
@@ -88,11 +105,19 @@ def run_evaluation(cfg: dict[str, Any], overrides: list[str] | None = None, log=
             records = run.read_batch(b)
             if records is None:
                 first = int(plan.extra.get("first_batch", 0))  # global batch index: a shard seeds as the whole run
-                records = evaluate_batch(plan, clf, first + b, plan.ids[sl], plan.x[sl], plan.y[sl])
+                records = evaluate_batch(plan, clf, first + b, plan.ids[sl], plan.x[sl], plan.y[sl], snapshot=snapshot)
+                if not manifest_written:
+                    run.write_manifest(manifest)
+                    manifest_written = True
                 run.write_batch(b, records)
             batches.append(records)
             bar.advance()
+    if not manifest_written:
+        run.write_manifest(manifest)
     samples = pd.concat(batches, ignore_index=True)
+    if "nonfinite_grad" not in samples:  # batches resumed from before the column existed
+        samples["nonfinite_grad"] = False
+    samples["nonfinite_grad"] = [bool(v) if pd.notna(v) else False for v in samples["nonfinite_grad"]]
     summary = summarize(samples, plan, manifest["defense_info"], prep, time.perf_counter() - start)
     run.finish(samples, summary)
     return {**summary, "run_dir": str(run.path), "skipped": False}
