@@ -158,7 +158,8 @@ def main() -> None:
                      f"{100 * r['overhead_median_wall']:+.1f} % | {100 * r['overhead_median_cpu']:+.1f} % | {r['records_identical']} |")
     lines += ["", "Per stage the judge adds: two comparisons of the model against its private snapshot (one host "
               "sync each), clones of the stage's images and labels, two Python hooks and one autograd identity per "
-              "model call (a non-finiteness reduction per backward), one output check (one sync) per verdict forward."]
+              "model call (one row-sum reduction per backward, for the non-finite-gradient flag), one output check "
+              "(one sync) per verdict forward."]
     write_results("judge", {"machine": machine(), "load": args.load, "command": cmd, "cases": results}, "\n".join(lines))
 
 

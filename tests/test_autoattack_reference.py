@@ -57,6 +57,9 @@ def harness(overrides: list[str], work: Path, ids: torch.Tensor) -> tuple[torch.
 
 
 def assert_equal_to_reference(mask: torch.Tensor, fwd: float, bwd: float, ref_mask: torch.Tensor, ref: PassCounter) -> None:
+    print(f"robust: harness {int(mask.sum())}, reference {int(ref_mask.sum())} of {mask.numel()}; forward {fwd:.0f} vs "
+          f"{ref.forward} ({100 * (fwd / ref.forward - 1):+.2f} %), backward {bwd:.0f} vs {ref.backward} "
+          f"({100 * (bwd / ref.backward - 1):+.2f} %)")
     differ = (mask != ref_mask).nonzero().flatten().tolist()
     assert not differ, f"samples {differ} differ (harness robust: {mask[differ].tolist()})"
     assert abs(fwd / ref.forward - 1) <= 0.02, (fwd, ref.forward)

@@ -39,6 +39,9 @@ class Centroids(nn.Module):
         if MODE == "nan_grad":
             f = f + torch.sqrt(f - f)  # the same value, but a NaN gradient (inf - inf)
         logits = -((f[:, None, :] - self.means[None]) ** 2).sum(-1) * 10
+        if MODE == "nan_off_grid":  # NaN on inputs that are not 8-bit images: only adversarial ones
+            off = ((x * 255 - (x * 255).round()).abs() > 1e-3).flatten(1).any(1)
+            logits = torch.where(off[:, None], float("nan"), logits)
         if x.shape[0] > 8:  # the contract probe sees 8 inputs: break the contract only beyond
             if MODE == "nan_big":
                 logits = torch.where(torch.arange(x.shape[0])[:, None] == 3, float("nan"), logits)
@@ -77,6 +80,17 @@ def test_outputs_past_the_contract_probe_are_checked(tmp_path, capsys, mode, exp
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 2
     assert err == [expected]
+    runs = tmp_path / "w" / "runs"
+    assert not runs.exists() or not any(runs.iterdir()), "a run directory was written"
+
+
+def test_outputs_on_adversarial_inputs_are_checked(tmp_path, capsys):
+    code = main(["eval", *BASE, f"defense.model_file={model_file(tmp_path, 'nan_off_grid')}", "attack=pgd", "attack.steps=1",
+                 f"work_dir={tmp_path / 'w'}"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("arena eval: error: the model's output contains NaN or Inf in ")
+    assert "(verifying attack 'pgd' on batch 0); nothing of this batch is recorded" in err[0]
     runs = tmp_path / "w" / "runs"
     assert not runs.exists() or not any(runs.iterdir()), "a run directory was written"
 

@@ -16,8 +16,9 @@ inputs of that decision out of the attack's reach, or at least make any reach vi
   root is one pass), forward and backward. The attack's own counting wrapper must agree; a pass
   that bypasses the wrapper (`access.model.module(x)`) or a wrapper counter rewritten by the
   attack makes the totals differ and voids the stage.
-- **Non-finite gradients** (`PassTally.nonfinite`): the backward identity at the model's input
-  sees exactly the gradient the attack receives and marks rows that are not finite, on device; the
+- **Non-finite gradients** (`PassTally.nonfinite_mask`): the backward identity at the model's input
+  sees exactly the gradient the attack receives and adds each row's sum into an on-device running
+  sum (NaN and Inf are sticky under addition: one cheap reduction per backward, no host sync); the
   mask is read once per stage and becomes the per-sample record column `nonfinite_grad`. A call
   over all of the stage's samples marks rows exactly; a call over a subset (cascades inside an
   attack) cannot be attributed to samples, so it marks every sample of the stage.
@@ -85,7 +86,8 @@ class ModelSnapshot:
         self._modules = _unique_modules(self._roots)
         self._tensors: list[tuple[str, nn.Module, str, str, torch.Tensor, torch.Tensor]] = []
         for name, mod in self._modules:
-            for kind, table in (("parameter", mod._parameters), ("buffer", mod._buffers)):
+            plain_tensors = {k: v for k, v in vars(mod).items() if not k.startswith("_") and torch.is_tensor(v)}
+            for kind, table in (("parameter", mod._parameters), ("buffer", mod._buffers), ("tensor attribute", plain_tensors)):
                 for key, t in table.items():
                     if t is not None:
                         self._tensors.append((f"{name}.{key}", mod, kind, key, t, t.detach().clone()))
@@ -104,7 +106,8 @@ class ModelSnapshot:
             out.append((f"the parameters/buffers/submodules of {name!r}",
                         (tuple(mod._parameters), tuple(mod._buffers), tuple(mod._modules))))
         for label, mod, kind, key, ref, _ in self._tensors:
-            current = (mod._parameters if kind == "parameter" else mod._buffers).get(key)
+            table = {"parameter": mod._parameters, "buffer": mod._buffers}.get(kind, vars(mod))
+            current = table.get(key)
             meta = None if current is None else (id(current), current.dtype, current.device, tuple(current.shape))
             out.append((f"the {kind} {label!r} (replaced, or its dtype/device/shape)", meta))
         out.append(("the global module hooks", tuple(len(getattr(_module_globals, h, {}) or {}) for h in _GLOBAL_HOOKS)))
@@ -170,31 +173,34 @@ class PassTally:
         self.n = n
         self.forward = 0
         self.backward = 0
-        self.nonfinite = torch.zeros(n, dtype=torch.bool, device=device)  # rows attributable to samples
-        self.nonfinite_any = torch.zeros((), dtype=torch.bool, device=device)  # rows that were not
+        # Running per-row sums of every input gradient: NaN and Inf are sticky under addition, so one
+        # cheap reduction per backward (no isfinite pass, no host sync) and one check per stage suffice.
+        self._sums = torch.zeros(n, dtype=torch.float64, device=device)  # rows attributable to samples
+        self._spill = torch.zeros((), dtype=torch.float64, device=device)  # rows that were not
         self._depth = 0
         self._handles: list[Any] = []
 
     def note_backward(self, grad: torch.Tensor, weight: int) -> None:
         self.backward += weight * grad.shape[0]
-        bad = ~torch.isfinite(grad.reshape(grad.shape[0], -1)).all(dim=1)
-        bad = bad.to(self.nonfinite.device)
+        low = grad.dtype in (torch.float16, torch.bfloat16)
+        rows = grad.detach().reshape(grad.shape[0], -1).sum(dim=1, dtype=torch.float32 if low else None)
+        rows = rows.to(self._sums.device)
         if grad.shape[0] == self.n:
-            self.nonfinite |= bad
+            self._sums.add_(rows)
         else:
-            self.nonfinite_any |= bad.any()
+            self._spill.add_(rows.sum())
 
     def _pre(self, weight: int):
-        def hook(_module: nn.Module, args: tuple, kwargs: dict):
+        def hook(_module: nn.Module, args: tuple):
             self._depth += 1
             if self._depth > 1:
                 return None
-            x = args[0] if args and torch.is_tensor(args[0]) else None
-            if x is None or x.dim() == 0:
-                return None  # no image batch found: counts nothing, so the totals will disagree
+            x = args[0] if args else None
+            if not torch.is_tensor(x) or x.dim() == 0:
+                return None  # no positional image batch: counts nothing, so the totals will disagree
             self.forward += weight * x.shape[0]
             if x.requires_grad:
-                return (_TallyBackward.apply(x, self, weight), *args[1:]), kwargs
+                return (_TallyBackward.apply(x, self, weight), *args[1:])
             return None
         return hook
 
@@ -203,7 +209,7 @@ class PassTally:
 
     def __enter__(self) -> "PassTally":
         for module, weight in self.roots:
-            self._handles.append(module.register_forward_pre_hook(self._pre(weight), with_kwargs=True))
+            self._handles.append(module.register_forward_pre_hook(self._pre(weight)))
             self._handles.append(module.register_forward_hook(self._post, always_call=True))
         return self
 
@@ -213,8 +219,9 @@ class PassTally:
         self._handles.clear()
 
     def nonfinite_mask(self) -> torch.Tensor:
-        """On-device (n,) bool: samples whose attack saw a non-finite input gradient."""
-        return self.nonfinite | self.nonfinite_any
+        """On-device (n,) bool: samples whose attack saw a non-finite input gradient (a gradient
+        whose row sum overflows float32, above ~1e38, counts as non-finite too)."""
+        return ~torch.isfinite(self._sums) | ~torch.isfinite(self._spill)
 
 
 def tally_roots(clf: Any, access: Any) -> tuple[list[tuple[nn.Module, int]], int]:

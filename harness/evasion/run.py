@@ -6,7 +6,7 @@ The manifest is written just before the first batch is: a run that fails on its 
 """
 from __future__ import annotations
 
-import dataclasses
+import copy
 import time
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,14 @@ def summarize(samples: pd.DataFrame, plan: EvalPlan, clf_info: dict[str, Any], p
     }
 
 
+def _record_copy(clf: Any) -> Any:
+    """A shallow copy of the classifier record (same modules, own views/info dicts), made without
+    `__post_init__` so that no module's mode is touched: prepare() cannot rebind the judge's."""
+    out = copy.copy(clf)
+    out.views, out.info = dict(clf.views), dict(clf.info)
+    return out
+
+
 def run_evaluation(cfg: dict[str, Any], overrides: list[str] | None = None, log=print,
                    manifest_extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Plan, build the defense, check the contract, run (or resume, or skip) and finish a run.
@@ -75,7 +83,7 @@ def run_evaluation(cfg: dict[str, Any], overrides: list[str] | None = None, log=
     for slot in plan.slots:
         # copies: prepare() may read the classifier and the evaluation images, never rebind or rewrite them
         facts = slot.attack.prepare(PrepareContext(
-            classifier=dataclasses.replace(clf, views=dict(clf.views), info=dict(clf.info)),
+            classifier=_record_copy(clf),
             train_x=plan.data.train_x, train_y=plan.data.train_y, eval_x=plan.x.clone(),
             cache_dir=cache_dir, device=plan.device, seed=plan.seed, model_key=model_key, progress=progress))
         problem = snapshot.changes()
