@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from harness.core import progress
 from harness.core.attack import Attack, AttackResult, register
 from harness.core.access import Capability, ModelAccess
 from harness.core.errors import UserError
@@ -103,6 +104,7 @@ class AutoAttackRef(Attack):
         verdicts and the same passes. `_ReferenceLog` reads which component fooled each sample."""
         log = _ReferenceLog(aa, x, y)
         out, _ = aa.run_standard_evaluation(x, y, batch_size=self.batch_size or max(int(x.shape[0]), 1))
+        log.finish()
         return AttackResult(out.to(x.device), stage=log.stage, extras={"components": components})
 
     def _run_judged(self, aa: Any, access: ModelAccess, x: torch.Tensor, y: torch.Tensor,
@@ -126,6 +128,7 @@ class AutoAttackRef(Attack):
             robust[idx[fooled]] = False
             for i in idx[fooled].tolist():
                 stage[i] = comp
+            progress.substage(comp, int(robust.sum()), int(x.shape[0]))  # robust accuracy per component, as it goes
         return AttackResult(x_adv, stage=stage, extras={"components": components})
 
 
@@ -169,14 +172,20 @@ class _ReferenceLog:
         perturb = component.perturb
 
         def logged(x_in: torch.Tensor, y_in: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-            adv = perturb(x_in, y_in, *args, **kwargs)
-            comp = name()
+            comp = name()  # the reference sets the loss / targeted flag before it calls perturb
             if comp != self.current:
+                self.finish()
                 self.current, self.cursor = comp, 0
+            adv = perturb(x_in, y_in, *args, **kwargs)
             self.pending = (comp, self._locate(x_in, y_in))
             return adv
 
         component.perturb = logged
+
+    def finish(self) -> None:
+        """Report the component that just ended (robust accuracy per component, as it goes)."""
+        if self.current:
+            progress.substage(self.current, sum(self.robust), len(self.robust))
 
     def _locate(self, x_in: torch.Tensor, y_in: torch.Tensor) -> list[int] | None:
         """Indices of the chunk's rows: the next still-robust samples with equal image and label."""

@@ -60,9 +60,14 @@ def register(name: str):
 
 
 def build_defense(spec: dict[str, Any]) -> Defense:
-    """Instantiate a defense from its config mapping (`name` plus parameters)."""
+    """Instantiate a defense from its config mapping (`name` plus parameters).
+
+    A config may name its plugin with `plugin:` instead, leaving `name` as a parameter: a zoo
+    loader takes the zoo's model name there (`defense=robustbench defense.name=Carmon2019Unlabeled`).
+    """
     spec = dict(spec)
-    name = spec.pop("name", None)
+    plugin = spec.pop("plugin", None)
+    name = plugin if plugin is not None else spec.pop("name", None)
     if name not in REGISTRY:
         raise choices_error("defense", name, list(REGISTRY))
     cls = REGISTRY[name]

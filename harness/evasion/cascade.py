@@ -24,6 +24,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from harness.core import progress
 from harness.core.access import Capability, CountingModule, ModelAccess, PassCounter
 from harness.core.classifier import Classifier
 from harness.core.contract import output_problem
@@ -152,6 +153,7 @@ def evaluate_batch(plan: EvalPlan, clf: Classifier, b: int, ids: torch.Tensor, x
                      "pred": pred_list[i], "linf": 0.0, "l2": 0.0, "n_forward": 0.0, "n_backward": 0.0,
                      "n_queries": 0, "time_s": 0.0, "violation": False, "stage": "",
                      "budget_exhausted": False, "nonfinite_grad": False})
+    progress.stage_done("clean", x.shape[0], float(clean_count.sum()) / n_draws)
     for k, slot in enumerate(plan.slots, start=1):
         pool = (worst > 0) if plan.cascade else (clean_count > 0)
         idx = pool.nonzero().flatten()
@@ -163,6 +165,7 @@ def evaluate_batch(plan: EvalPlan, clf: Classifier, b: int, ids: torch.Tensor, x
                                    "l2": float("nan"), "n_forward": 0.0, "n_backward": 0.0, "n_queries": 0, "time_s": 0.0,
                                    "violation": False, "stage": "", "budget_exhausted": False, "nonfinite_grad": False}
             rows.append({"sample_id": ids_list[i], "label": y_list[i], "attack": slot.label, "order": k, "draws": n_draws, **r})
+        progress.stage_done(slot.label, x.shape[0], int((worst == n_draws).sum()))
     return pd.DataFrame(rows)
 
 

@@ -18,7 +18,7 @@ from harness.core.attack import PrepareContext
 from harness.core.contract import check_classifier
 from harness.core.defense import BuildContext, build_defense
 from harness.core.hashing import module_hash, tensor_hash
-from harness.core.progress import progress_bar
+from harness.core import progress as progress_ui
 from harness.data.training import to_unit
 from harness.evasion.cascade import evaluate_batch, run_snapshot
 from harness.evasion.judge import model_self_changes, void
@@ -107,19 +107,30 @@ def run_evaluation(cfg: dict[str, Any], overrides: list[str] | None = None, log=
     n = plan.x.shape[0]
     batches = []
     n_batches = (n + plan.batch_size - 1) // plan.batch_size
-    with progress_bar(n_batches, desc=f"eval {plan.suite_name}", enabled=progress) as bar:
+    finished = sum(run.batch_path(b).is_file() for b in range(n_batches))
+    if finished:
+        progress_ui.say(f"resuming run {run.key[:6]}…: {finished} of {n_batches} batches done ({run.path})", progress)
+    again = f"`{manifest_extra['submit_command']}`" if (manifest_extra or {}).get("submit_command") else "the same command"
+    progress_ui.set_interrupt_hint(lambda: f"run {run.key[:6]}… keeps {len(batches)} of {n_batches} finished batches "
+                                           f"({run.path}); run {again} again to resume")
+    title = f"eval {plan.suite_name}, {plan.threat.name}, n={n}, run {run.key[:6]}…"
+    from harness.results.metrics import stage_counts
+
+    with progress_ui.eval_progress([s.label for s in plan.slots], n, title, enabled=progress) as shown:
         for b in range(n_batches):
             sl = slice(b * plan.batch_size, (b + 1) * plan.batch_size)
             records = run.read_batch(b)
             if records is None:
                 first = int(plan.extra.get("first_batch", 0))  # global batch index: a shard seeds as the whole run
+                shown.batch(b, int(plan.ids[sl].shape[0]), n_batches)
                 records = evaluate_batch(plan, clf, first + b, plan.ids[sl], plan.x[sl], plan.y[sl], snapshot=snapshot)
                 if not manifest_written:
                     run.write_manifest(manifest)
                     manifest_written = True
                 run.write_batch(b, records)
+            else:
+                shown.resumed(int(plan.ids[sl].shape[0]), stage_counts(records), n_batches)
             batches.append(records)
-            bar.advance()
     if not manifest_written:
         run.write_manifest(manifest)
     samples = pd.concat(batches, ignore_index=True)
@@ -128,4 +139,5 @@ def run_evaluation(cfg: dict[str, Any], overrides: list[str] | None = None, log=
     samples["nonfinite_grad"] = [bool(v) if pd.notna(v) else False for v in samples["nonfinite_grad"]]
     summary = summarize(samples, plan, manifest["defense_info"], prep, time.perf_counter() - start)
     run.finish(samples, summary)
+    progress_ui.set_interrupt_hint(None)
     return {**summary, "run_dir": str(run.path), "skipped": False}

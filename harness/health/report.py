@@ -621,22 +621,27 @@ def build_surrogate(data: Any, cfg: HealthConfig, device: torch.device, seed: in
 
 def run_health(clf: Classifier, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, threats: list[ThreatModel],
                cfg: HealthConfig, seed: int, surrogate: Classifier | None = None, surrogate_reason: str = "",
-               log: Callable[[str], None] = lambda s: None) -> dict[str, HealthReport]:
+               log: Callable[[str], None] = lambda s: None, progress: bool = False) -> dict[str, HealthReport]:
     """One report per threat model: model checks (shared), probe checks, then model mode.
 
     `x` are [0, 1] float inputs on the classifier's device (the health subset), `ids` their sample ids.
+    `progress` shows each part as it runs (a spinner on a terminal, one line with its time in logs).
     """
+    from harness.core.progress import stage
+
     n = min(cfg.n_samples, int(x.shape[0]))
     x, y, ids = x[:n], y[:n], ids[:n].cpu()
     start = time.perf_counter()
     torch.manual_seed(seed)
     before = _state(clf.module)
-    shared = model_checks(clf, x, y, ids, cfg)
+    with stage(f"health: model checks on {n} samples", enabled=progress):
+        shared = model_checks(clf, x, y, ids, cfg)
     reports: dict[str, HealthReport] = {}
     for threat in threats:
         t0 = time.perf_counter()
         gen = torch.Generator(device=x.device).manual_seed(seed)
-        checks, curves = attack_checks(clf, x, y, ids, threat, cfg, gen, surrogate, surrogate_reason)
+        with stage(f"health: attack probes at {threat.name}", enabled=progress):
+            checks, curves = attack_checks(clf, x, y, ids, threat, cfg, gen, surrogate, surrogate_reason)
         reports[threat.name] = HealthReport(threat.name, n, [int(i) for i in ids.tolist()], [*shared, *checks], curves,
                                             config=asdict(cfg), wall_s=time.perf_counter() - t0)
         log(f"health {threat.name}: " + ", ".join(f"{k}={v}" for k, v in reports[threat.name].status_counts().items() if v))

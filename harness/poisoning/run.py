@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 
 from harness.core.errors import UserError
+from harness.core.formats import pct
 from harness.core.device import resolve_device
 from harness.core.hashing import tensor_hash
 from harness.results.store import RunDir, base_manifest
@@ -141,7 +142,7 @@ def run_poison(cfg: dict[str, Any], overrides: list[str] | None = None, log=prin
     run, semantic, device = plan(cfg)
     if run.is_done():
         summary = run.read_json("summary.json") or {}
-        log(f"poison run {run.key} already finished: final clean test acc {summary.get('final_test_acc')}")
+        log(f"poison run {run.key} already finished: final clean test acc {pct(summary.get('final_test_acc'))}")
         return summary
     seed = int(semantic["seed"])
     poison = build_poison(semantic["poison"])
@@ -219,6 +220,6 @@ def run_poison(cfg: dict[str, Any], overrides: list[str] | None = None, log=prin
     run.write_manifest(manifest)
     curve = pd.DataFrame(history)
     run.finish(samples, summary, extra_files={"history.csv": curve.to_csv(index=False, lineterminator="\n")})
-    log(f"poison={poison.name} defense={defense.name} seed={seed}: final clean test acc {100 * final_acc:.2f}% "
-        f"(best {100 * best_acc:.2f}% at epoch {best_epoch}), train acc on poisoned data {100 * train_acc:.2f}% -> {run.path}")
+    log(f"poison={poison.name} defense={defense.name} seed={seed}: final clean test acc {pct(final_acc)} "
+        f"(best {pct(best_acc)} at epoch {best_epoch}), train acc on poisoned data {pct(train_acc)} -> {run.path}")
     return summary
