@@ -157,3 +157,25 @@ def test_honest_attacks_pass_the_judge_with_counts_from_the_model(session_work):
     df = pd.read_parquet(f"{s['run_dir']}/samples.parquet")
     sq = df[(df.attack != "clean") & df.ran]
     assert len(sq) and (sq.n_queries <= 50).all() and (sq.n_queries > 0).all()
+
+
+@register("hostile_prepare")
+class _HostilePrepare(Attack):
+    """Rewrites the model in prepare(), before any batch: caught before anything is evaluated."""
+
+    requires = Capability.GRADIENTS
+
+    def prepare(self, ctx):
+        with torch.no_grad():
+            ctx.classifier.module.fc2.bias.add_(5.0)
+        ctx.eval_x.zero_()  # a copy: the evaluated images are not touched
+        return {}
+
+    def run(self, access, x, y, threat, generator):
+        return AttackResult(x.clone())
+
+
+def test_prepare_that_changes_the_model_is_void(session_work):
+    with pytest.raises(AttackVoided, match=r"^attack 'hostile_prepare' voided in prepare\(\): it changed the values of "
+                                           r"the parameter 'model.fc2.bias'"):
+        run_eval(BASE + ["+attack.name=hostile_prepare"], session_work)

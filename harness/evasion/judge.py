@@ -10,7 +10,9 @@ inputs of that decision out of the attack's reach, or at least make any reach vi
   buffer of every module the attack can reach (decision module, differentiable stand-in, views,
   ensemble members), plus their structure: module types, training flags, hook counts (global
   hooks too), parameter identities, dtypes, devices, shapes, plain attributes. Compared before and
-  after every attack stage with one host sync per comparison (never inside attack iterations).
+  after every attack stage and after every `prepare()`, with one host sync per comparison (never
+  inside attack iterations). A model whose own forward changes that state is refused up front
+  (`model_self_changes`, at the contract check), so a difference is always the attack's doing.
 - **Passes counted twice** (`PassTally`): while a stage runs, hooks on the model's root modules
   count every image-pass at the model itself (outermost calls only, so a module calling another
   root is one pass), forward and backward. The attack's own counting wrapper must agree; a pass
@@ -25,7 +27,9 @@ inputs of that decision out of the attack's reach, or at least make any reach vi
 
 What this does not guarantee: Python cannot make in-process objects unreachable. An attack that
 walks the garbage collector, frames or closures can still find the evaluator's tensors, the query
-ledger or the model; it can also act after the check (threads). The guards catch accidents and
+ledger or the model; it can also act after the check (threads). Calls of a submodule on their own
+(`access.model.module.fc(h)`) and parameter gradients are not counted: the tally counts calls of the
+root modules. The guards catch accidents and
 every ordinary route, and make a deliberate bypass a visible act; submissions of untrusted code
 run out of process (`harness/submit/`).
 """
