@@ -1,12 +1,15 @@
 """AutoAttack through the reference implementation (`pyautoattack`), always seeded.
 
-The version's component attacks run one at a time on the still-robust samples (the same cascade
-the reference runs), so each component's per-sample outcome is kept in `AttackResult.stage`.
-`version=custom` with `attacks=[...]` selects components (e.g. `[apgd-ce]` = APGD-CE alone).
+One call of the reference's `run_standard_evaluation` on the batch's still-robust samples, as a
+user of the reference makes it (same verdicts, same passes); which component first fooled each
+sample is read off the reference's own loop into `AttackResult.stage`. Where `access.model` is only
+a differentiable stand-in (`access.decision` set: voting ensembles), the components run one call
+each instead, judged between components with the true decision. `version=custom` with
+`attacks=[...]` selects components (e.g. `[apgd-ce]` = APGD-CE alone).
 
 Seeding: `seed: 0` (the suites' setting) is the reference's documented `AutoAttack(..., seed=0)`:
 every component reseeds with it, as the reference does, so on the same images the harness returns
-the reference's per-sample verdicts exactly (tested, `tests/test_autoattack_reference.py`, when the
+the reference's per-sample verdicts exactly (tested, `tests/plugins/test_autoattack_reference.py`, when the
 evaluation is one harness batch: the reference's chunks of `batch_size` then hold the same
 samples). `seed: null` draws a seed per batch from the harness's generator instead. Never the
 reference's own default (`seed=None`), which reseeds from the clock.
@@ -14,6 +17,7 @@ reference's own default (`seed=None`), which reseeds from the clock.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,6 +33,7 @@ COMPONENTS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
 
 
 @register("autoattack")
+@dataclass
 class AutoAttackRef(Attack):
     """Reference AutoAttack (Croce & Hein 2020).
 
@@ -46,12 +51,19 @@ class AutoAttackRef(Attack):
 
     requires = Capability.GRADIENTS
 
-    def __init__(self, version: str = "standard", attacks: list[str] | None = None, n_iter: int | None = None,
-                 n_target_classes: int | None = None, square_queries: int | None = None, seed: int | None = None,
-                 batch_size: int | None = None) -> None:
+    version: str = "standard"
+    attacks: list[str] | None = None
+    n_iter: int | None = None
+    n_target_classes: int | None = None
+    square_queries: int | None = None
+    seed: int | None = None
+    batch_size: int | None = None
+
+    def validate(self) -> None:
+        version = self.version
         if version not in VERSIONS:
             raise UserError(f"autoattack version={version!r} unknown; use one of: {', '.join(VERSIONS)}")
-        attacks = list(attacks) if attacks else None
+        attacks = list(self.attacks) if self.attacks else None
         if version == "custom" and not attacks:
             raise UserError("autoattack version=custom needs attacks=[...] from: " + ", ".join(COMPONENTS))
         if attacks and version != "custom":
@@ -59,17 +71,12 @@ class AutoAttackRef(Attack):
         for a in attacks or []:
             if a not in COMPONENTS:
                 raise UserError(f"autoattack component {a!r} unknown; use: {', '.join(COMPONENTS)}")
-        self.version = version
         self.attacks = attacks
-        self.n_iter = n_iter
-        self.n_target_classes = n_target_classes
-        self.square_queries = square_queries
+        seed, chunk = self.seed, self.batch_size
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**31):
             raise UserError(f"autoattack seed={seed!r} must be an integer in 0..2^31-1 or null (derived from the run's seed)")
-        if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
-            raise UserError(f"autoattack batch_size={batch_size!r} must be a positive integer (the reference uses 250) or null")
-        self.seed = seed
-        self.batch_size = batch_size
+        if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
+            raise UserError(f"autoattack batch_size={chunk!r} must be a positive integer (the reference uses 250) or null")
 
     def _build(self, model: torch.nn.Module, threat: ThreatModel, seed: int, device: torch.device, num_classes: int) -> Any:
         from pyautoattack import AutoAttack

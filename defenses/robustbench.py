@@ -28,6 +28,7 @@ import sys
 import types
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator
@@ -36,6 +37,7 @@ from harness.core.classifier import Classifier
 from harness.core.defense import BuildContext, Defense, register
 from harness.core.errors import UserError
 from harness.core.hashing import file_sha256
+from harness.core.registry import config_key
 
 DATASETS = ("cifar10", "cifar100", "imagenet")
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet": 1000}
@@ -130,22 +132,24 @@ def zoo_dataset(requested: str | None, data_name: str) -> str:
 
 
 @register("robustbench")
+@dataclass
 class RobustBenchModel(Defense):
     """A RobustBench zoo model (Croce et al. 2021), weights and architecture from robustbench.
 
     Args:
-        name: the zoo's model name, e.g. Carmon2019Unlabeled, Ding2020MMA, Standard.
+        name (field `model_name`): the zoo's model name, e.g. Carmon2019Unlabeled, Ding2020MMA, Standard.
         threat_model: Linf | L2 | corruptions: the zoo's leaderboard the model belongs to.
         dataset: cifar10 | cifar100 | imagenet; null = from `dataset=`.
         model_dir: where load_model keeps checkpoints; null = <work_dir>/cache/robustbench.
     """
 
-    def __init__(self, name: str = "Carmon2019Unlabeled", threat_model: str = "Linf", dataset: str | None = None,
-                 model_dir: str | None = None) -> None:
-        self.model_name = str(name)
-        self.threat_model = _threat_model(threat_model)
-        self.dataset = dataset
-        self.model_dir = model_dir
+    model_name: str = config_key("name", "Carmon2019Unlabeled")
+    threat_model: str = "Linf"
+    dataset: str | None = None
+    model_dir: str | None = None
+
+    def validate(self) -> None:
+        self.threat_model = _threat_model(self.threat_model)
         robustbench()  # a missing package is bad input, reported before any data is loaded
 
     def checkpoint_path(self, model_dir: Path, dataset: str) -> Path:

@@ -18,8 +18,6 @@ def _task_overrides() -> list[str]:
 
 
 def eval_task(cfg: DictConfig) -> dict[str, Any]:
-    import attacks  # noqa: F401  (registers attacks)
-    import defenses  # noqa: F401  (registers defenses)
     from harness.evasion import board as leaderboard
     from harness.evasion.run import run_evaluation
     from harness.results.terminal import print_summary

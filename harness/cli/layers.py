@@ -90,7 +90,7 @@ def build(opts: dict[str, Any], model_file: Path | None) -> tuple[nn.Module, tup
     """The module to list and the input shape for the probe forward (None = no probe)."""
     shape, num_classes = _shape(opts)
     if model_file is not None:
-        from defenses.checkpoint import import_model_file
+        from harness.data.models import import_model_file
 
         module = import_model_file(model_file).create()
         if not isinstance(module, nn.Module):

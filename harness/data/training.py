@@ -87,7 +87,10 @@ def ce_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epoch: int) -> t
 
 
 def to_unit(x_u8: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 [0, 255] -> float32 [0, 1] on `device` (non-blocking copy)."""
+    """uint8 [0, 255] -> float32 [0, 1] on `device` (non-blocking copy); float input is already
+    in [0, 1] (in-memory data given to `harness.evaluate`) and is only moved."""
+    if x_u8.is_floating_point():
+        return x_u8.to(device, non_blocking=True).float()
     return x_u8.to(device, non_blocking=True).float().div_(255.0)
 
 

@@ -19,7 +19,7 @@ by a void stage.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable
 
 import pandas as pd
 import torch
@@ -131,10 +131,13 @@ def _check_counts(access: Any, tally: PassTally, unit: int, ledger: QueryLedger 
 
 
 def evaluate_batch(plan: EvalPlan, clf: Classifier, b: int, ids: torch.Tensor, x_u8: torch.Tensor,
-                   y: torch.Tensor, snapshot: ModelSnapshot | None = None) -> pd.DataFrame:
+                   y: torch.Tensor, snapshot: ModelSnapshot | None = None,
+                   on_verified: Callable[..., None] | None = None) -> pd.DataFrame:
     """Clean pass plus the cascade on one batch; returns its long-format records.
 
     `snapshot`: the run's `run_snapshot(clf)` (taken here when not given).
+    `on_verified(label, sample_ids, x_adv, success)`, when given, receives every attack's verified
+    examples (the projected inputs the harness judged) and its verdict (harness.evaluate, save_adv).
     """
     device, threat = plan.device, plan.threat
     snapshot = snapshot if snapshot is not None else run_snapshot(clf)
@@ -159,7 +162,7 @@ def evaluate_batch(plan: EvalPlan, clf: Classifier, b: int, ids: torch.Tensor, x
         idx = pool.nonzero().flatten()
         results = {}
         if idx.numel() > 0:
-            results = _run_stage(plan, clf, snapshot, slot, b, idx, x, y, worst, n_draws)
+            results = _run_stage(plan, clf, snapshot, slot, b, idx, x, y, worst, n_draws, ids, on_verified)
         for i in range(x.shape[0]):
             r = results.get(i) or {"ran": False, "correct_draws": -1, "success": False, "pred": -1, "linf": float("nan"),
                                    "l2": float("nan"), "n_forward": 0.0, "n_backward": 0.0, "n_queries": 0, "time_s": 0.0,
@@ -170,7 +173,8 @@ def evaluate_batch(plan: EvalPlan, clf: Classifier, b: int, ids: torch.Tensor, x
 
 
 def _run_stage(plan: EvalPlan, clf: Classifier, snapshot: ModelSnapshot, slot: AttackSlot, b: int, idx: torch.Tensor,
-               x: torch.Tensor, y: torch.Tensor, worst: torch.Tensor, n_draws: int) -> dict[int, dict[str, Any]]:
+               x: torch.Tensor, y: torch.Tensor, worst: torch.Tensor, n_draws: int, ids: torch.Tensor,
+               on_verified: Callable[..., None] | None) -> dict[int, dict[str, Any]]:
     """One attack on the batch's pool `idx`, judged; updates `worst` and returns records by position."""
     device, threat, label = plan.device, plan.threat, slot.label
     where = f"on batch {b}"
@@ -214,6 +218,8 @@ def _run_stage(plan: EvalPlan, clf: Classifier, snapshot: ModelSnapshot, slot: A
                                 where=f"verifying attack {label!r} on batch {b}")
     count = torch.where(bad, torch.full_like(count, n_draws), count)  # invalid example: not broken
     worst[idx] = torch.minimum(worst[idx], count)
+    if on_verified is not None:
+        on_verified(label, ids[idx.cpu()], x_adv, (count * 2 < n_draws) if n_draws > 1 else (count == 0))
     linf, l2 = threat.norms(x_adv, xs)
     if ledger is not None:
         queries, exhausted = ledger.queries, access.exhausted

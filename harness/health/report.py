@@ -240,10 +240,10 @@ def probe_noise(decider: Decider, x: torch.Tensor, y: torch.Tensor, threat: Thre
 def probe_square(clf: Classifier, decider: Decider, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel,
                  budget: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Square Attack through the counted score oracle: (fooled, queries per sample)."""
-    from attacks.square import Square
+    from harness.core.attack import ATTACKS
     from harness.core.oracle import make_oracle
 
-    attack = Square(budget=int(budget))
+    attack = ATTACKS.build({"name": "square", "budget": int(budget)})
     oracle = make_oracle(clf, attack, x.shape[0], x.device)
     out = attack.run(oracle, x, y, threat, gen)
     x_adv = threat.project(out.x_adv.detach().float(), x)
@@ -607,13 +607,13 @@ def build_surrogate(data: Any, cfg: HealthConfig, device: torch.device, seed: in
     """An undefended model of `cfg.surrogate_model` trained on the dataset's training split (cached)."""
     if data.train_x is None:
         return None, f"dataset {data.name!r} has no training split to train an undefended surrogate on"
-    from harness.core.defense import BuildContext
-    from defenses.standard import Standard
+    from harness.core.defense import DEFENSES, BuildContext
 
-    train = {"epochs": cfg.surrogate_epochs, "batch_size": 128, "optimizer": "adam", "lr": 0.002, "schedule": "cosine"}
+    train = {"epochs": cfg.surrogate_epochs, "batch_size": 128, "optimizer": "adam", "lr": 0.002, "momentum": 0.9,
+             "weight_decay": 5e-4, "schedule": "cosine", "augment": "none", "shuffle": True}
     ctx = BuildContext(data=data, model_cfg={"name": cfg.surrogate_model}, device=device, seed=seed,
                        cache_dir=Path(cache_dir), progress=progress)
-    clf = Standard(train=train).build(ctx).to(device)
+    clf = DEFENSES.build({"name": "standard", "train": train}).build(ctx).to(device)
     clf.info["surrogate"] = {"model": cfg.surrogate_model, "epochs": cfg.surrogate_epochs,
                              "cache_hit": clf.info.get("cache_hit")}
     return clf, ""

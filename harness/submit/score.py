@@ -184,7 +184,7 @@ def cap_samples(cfg: dict[str, Any], total: int) -> None:
 
 def check_loading(bundle: Bundle) -> None:
     """Weights readable with weights_only=True and holding a state dict; model.py importable with create()."""
-    from defenses.checkpoint import import_model_file
+    from harness.data.models import import_model_file
     from harness.data.weights import extract_state_dict, load_weights
 
     extract_state_dict(load_weights(bundle.weights_file))
@@ -262,8 +262,6 @@ def check_clean_accuracy(measured: float, declared_pct: float, n: int, sub: dict
 
 def submit(bundle_path: Path | str, opts: SubmitOptions | None = None, log: Callable[[str], None] = print) -> SubmissionResult:
     """Check, health-test and score a bundle; raises `Rejection` naming the failed check."""
-    import attacks  # noqa: F401  (registers attacks)
-    import defenses  # noqa: F401  (registers defenses)
     from harness.core.defense import BuildContext, build_defense
     from harness.evasion import board as leaderboard
     from harness.evasion.run import run_evaluation

@@ -7,6 +7,8 @@ nothing of the batch, and never count a sample as broken.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 
@@ -20,11 +22,13 @@ BASE = ["dataset=digits", "n_samples=20", "batch_size=20", "defense.train.epochs
 
 
 def _hostile(name: str, requires: Capability = Capability.GRADIENTS, budget: int | None = None):
+    """Register `fn(access, x, y, threat)` as the attack `name` (a dataclass plugin, as every attack)."""
     def wrap(fn):
         attrs = {"requires": requires, "run": lambda self, access, x, y, threat, gen: fn(access, x, y, threat)}
         if budget is not None:
+            attrs["__annotations__"] = {"budget": int}
             attrs["budget"] = budget
-        register(name)(type(name, (Attack,), attrs))
+        register(name)(dataclass(type(name, (Attack,), attrs)))
         return fn
     return wrap
 
@@ -160,6 +164,7 @@ def test_honest_attacks_pass_the_judge_with_counts_from_the_model(session_work):
 
 
 @register("hostile_prepare")
+@dataclass
 class _HostilePrepare(Attack):
     """Rewrites the model in prepare(), before any batch: caught before anything is evaluated."""
 

@@ -24,7 +24,7 @@ from harness.data.datasets import load_dataset, select_eval
 from harness.data.models import build_model
 from harness.data.training import TrainConfig, to_unit, train
 from harness.results.metrics import per_sample_worst
-from conftest import shared_path  # tests/ is on sys.path (no __init__.py); a site-packages `tests` may shadow the name
+from helpers import shared_path
 
 
 REDUCED = {"n_iter": 10, "n_target_classes": 3, "square_queries": 200}

@@ -21,7 +21,7 @@ import pytest
 
 from harness.cli.dispatch import main
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO
 BASE = ["dataset=digits", "model.width=8", "model.hidden=32", "n_samples=40", "progress=false"]
 EPS = (0.05, 0.1, 0.2)
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "chrome")

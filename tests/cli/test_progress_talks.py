@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from harness.cli.dispatch import main
+from helpers import REPO
 
 FAST = ["dataset=digits", "model.width=8", "model.hidden=32", "defense.train.epochs=1", "progress=true"]
 
@@ -147,7 +148,7 @@ def test_ctrl_c_is_one_line_for_submit(tmp_path, capsys, monkeypatch):
 
 def test_help_into_a_closed_pipe_ends_quietly():
     """`arena eval -h | head`: the reader goes away; no BrokenPipeError traceback."""
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     read, write = os.pipe()
     os.close(read)  # the reader has left before anything is written: every write fails with EPIPE
     try:
