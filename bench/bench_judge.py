@@ -66,27 +66,19 @@ def judge_off() -> Iterator[None]:
 
 
 def prepare(overrides: list[str], work: Path) -> tuple[Any, Any, Any]:
-    """Plan, build the defense and prepare the attacks as `arena eval` does; no run directory."""
+    """Plan, build the defense and prepare the attacks exactly as `arena eval` does (the run's own
+    `_Prepared`), without writing a run directory."""
     import attacks  # noqa: F401
     import defenses  # noqa: F401
     from harness.api import compose_config
-    from harness.core.attack import PrepareContext
-    from harness.core.defense import BuildContext, build_defense
-    from harness.core.hashing import module_hash
-    from harness.evasion.cascade import run_snapshot
     from harness.evasion.plan import plan_evaluation
+    from harness.evasion.run import _Prepared
 
     cfg = compose_config([*overrides, f"work_dir={work}", "progress=false", "device=cpu"])
     plan = plan_evaluation(cfg)
-    torch.manual_seed(plan.seed)
-    clf = build_defense(dict(cfg["defense"])).build(BuildContext(
-        data=plan.data, model_cfg=dict(cfg.get("model") or {}), device=plan.device, seed=plan.seed,
-        cache_dir=work / "cache", progress=False)).to(plan.device)
-    for slot in plan.slots:
-        slot.attack.prepare(PrepareContext(classifier=clf, train_x=plan.data.train_x, train_y=plan.data.train_y,
-                                           eval_x=plan.x, cache_dir=work / "cache", device=plan.device, seed=plan.seed,
-                                           model_key=module_hash(clf.module)))
-    return plan, clf, run_snapshot(clf)
+    state = _Prepared(plan, cfg, work / "cache", lambda _line: None, None, None, None, write_manifest=False)
+    clf = state.get()
+    return plan, clf, state.snapshot
 
 
 def time_case(name: str, overrides: list[str], work: Path, rounds: int) -> dict[str, Any]:
