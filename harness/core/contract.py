@@ -38,3 +38,30 @@ def check_classifier(clf: Classifier, x: torch.Tensor) -> None:
                 "the model's output changes between two calls on the same input but it declares no randomness; "
                 "put it in eval() mode, or declare randomized=true (defense.randomized=true) to get EOT and repeated decisions"
             )
+
+
+def output_problem(out: object, n: int, num_classes: int) -> str | None:
+    """What is wrong with one model output the judge is about to use, or None.
+
+    The contract probe above sees 8 inputs once; a model can still break it on other batches
+    (NaN only on large batches, probabilities, a wrong shape), so the evaluator checks every
+    output it decides with: a float tensor of shape (n, num_classes), finite, and not rows that all
+    lie in [0, 1] and sum to 1 over the whole batch (probabilities). One host sync.
+    """
+    if not torch.is_tensor(out):
+        return f"the model returned a {type(out).__name__}, not a logits tensor of shape ({n}, {num_classes})"
+    if out.dim() != 2 or tuple(out.shape) != (n, num_classes):
+        return f"the model's output has shape {tuple(out.shape)} for {n} inputs; it must be logits of shape ({n}, {num_classes})"
+    if not out.is_floating_point():
+        return f"the model's output has dtype {out.dtype}; it must be float logits"
+    if n == 0:
+        return None
+    o = out.detach()
+    finite = torch.isfinite(o).all(dim=1)
+    probs = (o >= 0).all() & (o <= 1).all() & ((o.sum(dim=1) - 1).abs() <= 1e-4).all()
+    bad_rows, is_probs = torch.stack([(~finite).sum(), probs.long()]).tolist()  # the one host sync
+    if bad_rows:
+        return f"the model's output contains NaN or Inf in {bad_rows} of {n} rows"
+    if is_probs:
+        return "the model returns probabilities (every row in [0,1] summing to 1), not logits"
+    return None

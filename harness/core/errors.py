@@ -34,3 +34,11 @@ def choices_error(kind: str, value: object, valid: list[str] | tuple[str, ...]) 
     """Error for an unknown name among a fixed set of choices, listing the valid ones."""
     hint = did_you_mean(value, valid)
     return UserError(f"unknown {kind} {value!r}; choose one of: {', '.join(sorted(valid))}" + (f"; {hint}" if hint else ""))
+
+
+class AttackVoided(UserError):
+    """An attack broke a rule of the judge (touched the model, its inputs or the query tally).
+
+    The stage is void: its batch is not recorded, no sample counts as broken, and the run stops
+    (the model in memory may be corrupt). One line that names the attack, exit status 2.
+    """

@@ -16,9 +16,13 @@ A `QueryOracle` answers "what scores does the model give these images?" and noth
 Why raise rather than silently refuse over-budget rows: a refused row would have to come back as
 something (NaN, zeros), which an attack can misread as a score; an exception cannot be misread.
 
-The evaluator builds one oracle per batch with `make_oracle`, hands it to `attack.run`, and then
-reads `queries` (per sample), `total` and `passes` (raw model image-passes, which must equal
-`total`: the oracle is the only route to the model) for the records.
+The evaluator builds one oracle per batch with `make_oracle`, handing it a `QueryLedger` of its
+own: the oracle's scorer charges every evaluated row to the ledger, which no attribute of the
+oracle leads to. The oracle's own tally (`_queries`, which enforces the budget) is reachable by an
+attack that insists (`oracle._queries.zero_()`); the evaluator therefore checks three ways that
+nothing was bent: ledger per sample == the oracle's tally, ledger total == the oracle's model calls
+== the passes the judge counts at the model itself (`harness.evasion.judge.PassTally`), and
+ledger max <= budget. Records take the ledger's counts.
 
 Python cannot make the module truly unreachable (introspection of closures and the garbage
 collector remain); the guard is against accidents and makes a violation explicit in code review.
@@ -51,11 +55,30 @@ class OracleAccessError(RuntimeError):
     """A black-box attack asked the oracle for something other than scores (the model, gradients)."""
 
 
-def _make_scorer(module: nn.Module, output: str, max_rows: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A closure over the module: images -> detached scores, in chunks of at most `max_rows`."""
+class QueryLedger:
+    """The evaluator's own per-sample query count for one batch (see the module docstring).
+
+    Charged by the oracle's scorer for every row it evaluates, before the model sees it; held by
+    the evaluator, reachable from the oracle only through closure introspection.
+    """
+
+    def __init__(self, n: int, device: torch.device | str = "cpu") -> None:
+        self.queries = torch.zeros(n, dtype=torch.long, device=torch.device(device))
+        self.rows = 0  # rows evaluated (== queries.sum(), counted without a device sync)
+
+    def charge(self, idx: torch.Tensor) -> None:
+        self.queries.index_add_(0, idx.to(self.queries.device), torch.ones_like(idx, device=self.queries.device))
+        self.rows += int(idx.shape[0])
+
+
+def _make_scorer(module: nn.Module, output: str, max_rows: int,
+                 ledger: QueryLedger) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """A closure over the module and the ledger: (images, sample idx) -> detached scores, in
+    chunks of at most `max_rows`; every row is charged to the ledger before it is evaluated."""
 
     @torch.no_grad()
-    def score(x: torch.Tensor) -> torch.Tensor:
+    def score(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        ledger.charge(idx)
         outs = [module(chunk) for chunk in torch.split(x.detach(), max_rows)]
         logits = torch.cat(outs).float() if outs else torch.empty(0, 0, device=x.device)
         if output == "probs" and logits.numel():
@@ -86,6 +109,7 @@ class QueryOracle:
         output: str = "probs",
         device: torch.device | str = "cpu",
         max_rows: int = DEFAULT_MAX_ROWS,
+        ledger: QueryLedger | None = None,
     ) -> None:
         if output not in OUTPUTS:
             raise UserError(f"oracle output={output!r} is not supported; use one of: {', '.join(OUTPUTS)}")
@@ -101,7 +125,8 @@ class QueryOracle:
             counter["passes"] += x.shape[0]
             return module(x)
 
-        object.__setattr__(self, "_score", _make_scorer(counted, output, max_rows))  # type: ignore[arg-type]
+        ledger = ledger if ledger is not None else QueryLedger(n, device)
+        object.__setattr__(self, "_score", _make_scorer(counted, output, max_rows, ledger))  # type: ignore[arg-type]
         object.__setattr__(self, "_passes", counter)
         object.__setattr__(self, "_queries", torch.zeros(n, dtype=torch.long, device=device))
         object.__setattr__(self, "_exhausted", torch.zeros(n, dtype=torch.bool, device=device))
@@ -137,7 +162,7 @@ class QueryOracle:
                 f"query budget {self._budget} per sample would be exceeded for samples {who} "
                 f"(had {self._queries[who].tolist()}, asked {counts[who].tolist()}); nothing was evaluated"
             )
-        scores = self._score(x)
+        scores = self._score(x, idx)
         if scores.shape != (x.shape[0], self._num_classes):
             raise RuntimeError(f"model returned {tuple(scores.shape)}, expected ({x.shape[0]}, {self._num_classes})")
         self._queries.copy_(after)
@@ -223,8 +248,11 @@ class QueryOracle:
                 f"total={self._total})")
 
 
-def make_oracle(classifier: Any, attack: Any, batch_size: int, device: torch.device | str) -> QueryOracle:
+def make_oracle(classifier: Any, attack: Any, batch_size: int, device: torch.device | str,
+                ledger: QueryLedger | None = None) -> QueryOracle:
     """The oracle the evaluator hands a `Capability.SCORES` attack for one batch of `batch_size`.
+
+    `ledger`: the evaluator's independent per-sample count (see `QueryLedger`).
 
     Reads the attack's `budget` (queries per sample, required) and `output` ("probs" default or
     "logits"); an attack `view` selects one of the classifier's views as the queried model.
@@ -247,6 +275,7 @@ def make_oracle(classifier: Any, attack: Any, batch_size: int, device: torch.dev
         output=getattr(attack, "output", "probs"),
         device=device,
         max_rows=int(getattr(attack, "max_rows", DEFAULT_MAX_ROWS) or DEFAULT_MAX_ROWS),
+        ledger=ledger,
     )
 
 

@@ -25,7 +25,7 @@ COLUMNS = [
     "clean_acc", "robust_acc", "robust_acc_mean", "robust_acc_majority", "best_known_acc", "cascade",
     "forward_per_sample", "backward_per_sample", "queries_per_sample", "attack_time_s",
     "train_time_s", "train_passes", "params",
-    "randomized", "ensemble", "masking_suspected", "violations", "submission",
+    "randomized", "ensemble", "masking_suspected", "violations", "nonfinite_grad", "submission",
     "seed", "config_hash", "harness_version", "git", "finished", "command",
 ]
 
@@ -81,6 +81,7 @@ def _row(run: RunDir, manifest: dict[str, Any], summary: dict[str, Any], samples
         "ensemble": bool(info.get("ensemble", False)),
         "masking_suspected": bool(summary.get("masking_suspected", False)),
         "violations": int(acc["violations"]),
+        "nonfinite_grad": int(acc.get("nonfinite_grad", 0)),  # samples whose attack saw non-finite gradients
         "submission": bool(manifest.get("submission", False)),
         "seed": manifest.get("seed"),
         "config_hash": run.key,

@@ -4,9 +4,14 @@ cascade batch by batch (resuming finished batches), and finish the run directory
 `run_evaluation` is what `arena eval` calls; `execute` is the same path with the options the
 Python API needs: in-memory data, a classifier the caller built, the verified adversarial
 examples kept (`save_adv`, harness/evasion/adversarial.py).
+
+The judge's snapshot of the model is taken right after the contract check (harness/evasion/judge.py).
+The manifest is written just before the first batch is: a run that fails on its first batch
+(a bad model output, a void attack) leaves nothing behind.
 """
 from __future__ import annotations
 
+import copy
 import tempfile
 import time
 from contextlib import contextmanager
@@ -27,7 +32,8 @@ from harness.core import progress as progress_ui
 from harness.data.datasets import DatasetSplits
 from harness.data.training import to_unit
 from harness.evasion import adversarial as adv
-from harness.evasion.cascade import evaluate_batch
+from harness.evasion.cascade import evaluate_batch, run_snapshot
+from harness.evasion.judge import ModelSnapshot, model_self_changes, void
 from harness.evasion.plan import EvalPlan, plan_evaluation
 from harness.results.store import base_manifest
 
@@ -73,6 +79,14 @@ def run_evaluation(cfg: dict[str, Any], overrides: list[str] | None = None, log=
     return {**out.summary, "run_dir": None if out.run.path is None else str(out.run.path), "skipped": out.skipped}
 
 
+def _record_copy(clf: Classifier) -> Classifier:
+    """A shallow copy of the classifier record (same modules, own views/info dicts), made without
+    `__post_init__` so that no module's mode is touched: prepare() cannot rebind the judge's."""
+    out = copy.copy(clf)
+    out.views, out.info = dict(clf.views), dict(clf.info)
+    return out
+
+
 @contextmanager
 def _cache_dir(cfg: dict[str, Any]) -> Iterator[Path]:
     """<work_dir>/cache, or a temporary directory removed afterwards when the run is in memory."""
@@ -94,6 +108,8 @@ class _Prepared:
         self.plan, self.cfg, self.cache_dir, self.log = plan, cfg, cache_dir, log
         self.clf, self.overrides, self.manifest_extra, self.write_manifest = classifier, overrides, manifest_extra, write_manifest
         self.ready = False
+        self.snapshot: ModelSnapshot | None = None
+        self.manifest: dict[str, Any] | None = None
         self.prep: dict[str, Any] = {}
         self.defense_info: dict[str, Any] = {}
         self.start = time.perf_counter()
@@ -111,18 +127,30 @@ class _Prepared:
                                                   seed=plan.seed, cache_dir=self.cache_dir, progress=progress,
                                                   threat=plan.threat, log=lambda line: self.log(f"[arena] {line}")))
         clf = self.clf.to(plan.device)
-        check_classifier(clf, to_unit(plan.x[: min(8, plan.x.shape[0])], plan.device))
+        probe = to_unit(plan.x[: min(8, plan.x.shape[0])], plan.device)
+        check_classifier(clf, probe)
+        snapshot = run_snapshot(clf)  # the judge's private copy: compared before and after every attack stage
+        with torch.no_grad():
+            clf.module(probe)
+        err = model_self_changes(snapshot, "a forward pass on the contract probe")
+        if err is not None:
+            raise err
         model_key = module_hash(clf.module)
         self.start = time.perf_counter()
         for slot in plan.slots:
+            # copies: prepare() may read the classifier and the evaluation images, never rebind or rewrite them
             facts = slot.attack.prepare(PrepareContext(
-                classifier=clf, train_x=plan.data.train_x, train_y=plan.data.train_y, eval_x=plan.x,
+                classifier=_record_copy(clf), train_x=plan.data.train_x, train_y=plan.data.train_y, eval_x=plan.x.clone(),
                 cache_dir=self.cache_dir, device=plan.device, seed=plan.seed, model_key=model_key, progress=progress))
+            problem = snapshot.changes()
+            if problem is not None:
+                raise void(slot.label, "in prepare()", problem)
             if facts:
                 self.prep[slot.label] = facts
+        self.snapshot = snapshot
         self.defense_info = {**clf.info, "randomized": clf.randomized, "ensemble": clf.ensemble is not None}
         if self.write_manifest:
-            plan.run.write_manifest({
+            self.manifest = {
                 **base_manifest(plan.semantic, plan.seed),
                 "overrides": list(self.overrides or []),
                 "device": str(plan.device),
@@ -134,9 +162,15 @@ class _Prepared:
                             for s in plan.slots},
                 **plan.extra,
                 **(self.manifest_extra or {}),
-            })
+            }
         self.ready = True
         return clf
+
+    def write_manifest_once(self) -> None:
+        """Write the manifest (once), just before the first thing of the run is written."""
+        if self.manifest is not None:
+            self.plan.run.write_manifest(self.manifest)
+            self.manifest = None
 
 
 def _same_verdicts(stored: pd.DataFrame, fresh: pd.DataFrame) -> bool:
@@ -188,9 +222,12 @@ def execute(cfg: dict[str, Any], overrides: list[str] | None = None, log: Callab
                 if records is None or (keep and cand is None):
                     shown.batch(b, int(plan.ids[sl].shape[0]), n_batches)
                     fresh_cand = adv.Candidates() if keep else None
-                    fresh = evaluate_batch(plan, state.get(), first + b, plan.ids[sl], plan.x[sl], plan.y[sl],
+                    clf = state.get()
+                    fresh = evaluate_batch(plan, clf, first + b, plan.ids[sl], plan.x[sl], plan.y[sl],
+                                           snapshot=state.snapshot,
                                            on_verified=fresh_cand.add if fresh_cand is not None else None)
                     if records is None:
+                        state.write_manifest_once()
                         run.write_batch(b, fresh)
                         records = fresh
                     elif not _same_verdicts(records, fresh):
@@ -207,7 +244,11 @@ def execute(cfg: dict[str, Any], overrides: list[str] | None = None, log: Callab
     if done:
         summary = run.read_json("summary.json") or {}
     else:
+        state.write_manifest_once()
         samples = pd.concat(batches, ignore_index=True)
+        if "nonfinite_grad" not in samples:  # batches resumed from before the column existed
+            samples["nonfinite_grad"] = False
+        samples["nonfinite_grad"] = [bool(v) if pd.notna(v) else False for v in samples["nonfinite_grad"]]
         summary = summarize(samples, plan, state.defense_info, state.prep, time.perf_counter() - state.start)
         run.finish(samples, summary)
     progress_ui.set_interrupt_hint(None)

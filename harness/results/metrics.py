@@ -58,6 +58,8 @@ def accuracies(samples: pd.DataFrame) -> dict[str, Any]:
             "time_s": float(ran["time_s"].sum()),
             "violations": int(ran["violation"].sum()),
             "failures_at_budget": int((ran["budget_exhausted"] & ~ran["success"]).sum()) if "budget_exhausted" in ran else 0,
+            # attacked samples whose attack saw a non-finite input gradient (older records lack the column)
+            "nonfinite_grad": int(ran["nonfinite_grad"].fillna(False).astype(bool).sum()) if "nonfinite_grad" in ran else 0,
         }
     n = max(len(ps), 1)
     total_fwd = sum(a["n_forward"] for a in attacks.values())
@@ -71,6 +73,7 @@ def accuracies(samples: pd.DataFrame) -> dict[str, Any]:
         "queries_per_sample": sum(a["n_queries"] for a in attacks.values()) / n,
         "attack_time_s": sum(a["time_s"] for a in attacks.values()),
         "violations": sum(a["violations"] for a in attacks.values()),
+        "nonfinite_grad": sum(a["nonfinite_grad"] for a in attacks.values()),
     }
 
 

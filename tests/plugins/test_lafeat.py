@@ -284,7 +284,7 @@ def test_beta_schedule_and_configs_build():
         spec = _yaml("suite", suite)
         built = [build_attack(a) for a in spec["attacks"]]
         assert built[-1].name == "lafeat"
-    assert _yaml("suite", "standard_plus.yaml")["attacks"][0] == {"name": "autoattack", "label": "aa-standard", "version": "standard"}
+    assert _yaml("suite", "standard_plus.yaml")["attacks"][0] == {"name": "autoattack", "label": "aa-standard", "version": "standard", "seed": 0, "batch_size": 250}
     with pytest.raises(UserError):
         build_attack({"name": "lafeat", "head": "transformer"})
     with pytest.raises(UserError):
