@@ -74,8 +74,12 @@ def correct_draws(clf: Classifier, x: torch.Tensor, y: torch.Tensor, draws: int,
 
 
 def evaluate_batch(plan: EvalPlan, clf: Classifier, b: int, ids: torch.Tensor, x_u8: torch.Tensor,
-                   y: torch.Tensor) -> pd.DataFrame:
-    """Clean pass plus the cascade on one batch; returns its long-format records."""
+                   y: torch.Tensor, adv_out: list[tuple[str, torch.Tensor, torch.Tensor]] | None = None) -> pd.DataFrame:
+    """Clean pass plus the cascade on one batch; returns its long-format records.
+
+    `adv_out`, when given, receives (attack label, sample ids, verified examples) for every stage:
+    exactly the inputs the verdicts were taken on (a submission's fresh re-judging needs them).
+    """
     device, threat = plan.device, plan.threat
     x = to_unit(x_u8, device)
     y = y.to(device)
@@ -107,6 +111,8 @@ def evaluate_batch(plan: EvalPlan, clf: Classifier, b: int, ids: torch.Tensor, x
             x_adv = out.x_adv.detach().to(device).reshape(xs.shape).float()
             bad = threat.violations(x_adv, xs)
             x_adv = torch.where(bad.view(-1, 1, 1, 1), xs, threat.project(x_adv, xs))  # float fix-ups only
+            if adv_out is not None:
+                adv_out.append((slot.label, ids[idx.cpu()].clone(), x_adv.detach().cpu().clone()))
             count, pred = correct_draws(clf, x_adv, ys, plan.draws, _batch_seed(plan.seed, b, slot.label + "/verify"))
             count = torch.where(bad, torch.full_like(count, n_draws), count)  # invalid example: not broken
             worst[idx] = torch.minimum(worst[idx], count)

@@ -165,6 +165,8 @@ def plan_evaluation(cfg: dict[str, Any]) -> EvalPlan:
         "seed": seed, "batch_size": batch_size, "evaluator": {"draws": draws, "cascade": cascade},
         "shard": shard,
     }
+    if cfg.get("submission"):  # how `arena submit` ran the model (isolation, re-judging): part of the run's identity
+        semantic["submission"] = dict(cfg["submission"])
     unsharded = {**semantic, "shard": None}
     run = RunDir.for_config(Path(str(cfg.get("work_dir", "arena-work"))), "runs", semantic)
     return EvalPlan(cfg, data, ids, x, y, threat, slots, suite_name, semantic, run, device, seed, batch_size,
