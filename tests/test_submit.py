@@ -5,10 +5,16 @@ small CNN trained here on mnist5k (a few seconds), written next to each card wit
 Verdicts: clean (accepted, not flagged), masked by input quantisation (accepted, flagged),
 probabilities (rejected), randomised but declared deterministic (rejected), stale checksum
 (rejected). The ../shared CIFAR-10 ResNet-2B submitted as a bundle gets clean accuracy 70.3 %.
+
+Hostile bundles (a submitter trying to choose their score; the model's code only ever runs in a
+sandboxed worker): `hostile_import` (file, network and process access at import: all fail, scored
+as clean), `forging` (replaces the harness's verdict functions at import: changes nothing),
+`caching` (remembers clean inputs and answers from memory: rejected by the audit, or scored at its
+honest number by fresh-process verdicts), data-spoofing cards, links out of the bundle, bad flags.
+Their model.py is never imported by the tests either: weights come from the clean architecture.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -19,61 +25,20 @@ import torch
 import yaml
 
 from harness.submit.bundle import CardError, load_bundle, validate_card
-from harness.core.classifier import Classifier
 from harness.core.errors import UserError
 from harness.core.hashing import file_sha256
 from harness.submit.score import Rejection, SubmitOptions, submit
 
-BUNDLES = Path(__file__).resolve().parent / "bundles"
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 SMOKE = "submission_smoke"
 
 
-def _import(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import BUNDLES, import_model_file as _import  # noqa: E402  (bundle fixtures: trained, make_bundle)
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> tuple[dict[str, torch.Tensor], float]:
-    """A small CNN trained on the mnist5k training split: (state dict, test accuracy)."""
-    from harness.data.datasets import load_dataset
-    from harness.data.models import SmallCNN
-    from harness.data.training import TrainConfig, accuracy, train
-
-    data = load_dataset({"name": "mnist5k"})
-    torch.manual_seed(0)  # the initial weights too: the same model on every run
-    net = SmallCNN(1, 10, width=8, hidden=32)
-    train(net, data.train_x, data.train_y, TrainConfig(epochs=3, batch_size=32, optimizer="adam", lr=0.003, weight_decay=0.0),
-          device=torch.device("cpu"), seed=0, progress=False)
-    acc = accuracy(net, data.test_x, data.test_y, device=torch.device("cpu"))
-    assert acc > 0.75, f"the test CNN trained badly ({acc:.3f}); the verdicts below would mean little"
-    return net.state_dict(), acc
-
-
-@pytest.fixture(scope="module")
-def make_bundle(tmp_path_factory, trained):
-    """Copy a bundle from tests/bundles into a temp dir, write its trained weights and fill in the card."""
-    root = tmp_path_factory.mktemp("bundles")
-    state, acc = trained
-
-    def make(example: str, **card_changes) -> Path:
-        dst = root / f"{example}-{len(list(root.iterdir()))}"
-        shutil.copytree(BUNDLES / example, dst)
-        module = _import(dst / "model.py", f"bundle_{dst.name.replace('-', '_')}").create()
-        for part in getattr(module, "members", None) or [module.net]:
-            part.load_state_dict(state)
-        torch.save(module.state_dict(), dst / "weights.pt")
-        text = (dst / "defense.yaml").read_text()
-        text = text.replace("FILLED_IN_BY_THE_TEST", file_sha256(dst / "weights.pt")).replace("CLEAN_ACCURACY", f"{100 * acc:.1f}")
-        card = yaml.safe_load(text)
-        card.update(card_changes)
-        (dst / "defense.yaml").write_text(yaml.safe_dump(card, sort_keys=False))
-        return dst
-
-    return make
+def trained(submit_cnn):
+    return submit_cnn
 
 
 @pytest.fixture(scope="module")
@@ -207,30 +172,54 @@ def test_ensemble_bundle_gets_the_ensemble_suite(make_bundle, tmp_path):
     assert result.suite == "submission_ensemble"
 
 
+@pytest.fixture(scope="module")
+def ensemble_session(make_bundle):
+    """The ensemble bundle's model in a sandboxed worker (members exposed through it)."""
+    from harness.submit.remote import open_session
+    from harness.submit.sandbox import SandboxLimits, detect_isolation
+
+    bundle = load_bundle(make_bundle("ensemble"))
+    session = open_session(bundle.path, "model.py", "weights.pt", isolation=detect_isolation("auto"), limits=SandboxLimits(),
+                           device="cpu", num_classes=10, input_shape=(1, 28, 28), randomized=False, digest=b"\0" * 32,
+                           role="ensemble")
+    yield bundle, session
+    session.close()
+
+
 @pytest.mark.parametrize("change, message", [
     ({"ensemble": {"members": 3, "aggregation": "softmax"}}, "has 2 members"),
     ({"ensemble": {"members": 2, "aggregation": "logits"}}, "aggregated by 'softmax'"),
     ({"ensemble": None}, "declares ensemble: null"),
 ])
-def test_ensemble_structure_must_match_the_card(make_bundle, change, message):
-    from defenses.checkpoint import Checkpoint
+def test_ensemble_structure_must_match_the_card(ensemble_session, change, message):
     from harness.submit.score import check_contract
 
-    bundle = load_bundle(make_bundle("ensemble"))
+    bundle, session = ensemble_session
     card = {**bundle.card, **change}
-    clf = Classifier(Checkpoint(str(bundle.model_file), str(bundle.weights_file)).build(_ctx()).module, 10, (1, 28, 28))
     with pytest.raises(UserError) as exc:
-        check_contract(clf, torch.rand(16, 1, 28, 28), card)
+        check_contract(session, torch.rand(16, 1, 28, 28), card)
     assert message in str(exc.value)
 
 
-def _ctx():
-    from types import SimpleNamespace
+def test_ensemble_members_are_exposed_through_the_worker(ensemble_session, trained):
+    """The harness aggregates the members' logits itself; MORA's member access works on the proxy."""
+    from harness.core.access import PassCounter
+    from harness.core.ensemble import Ensemble, forward_members, make_ensemble_access
+    from harness.data.models import SmallCNN
 
-    from harness.core.defense import BuildContext
-
-    data = SimpleNamespace(num_classes=10, input_shape=(1, 28, 28))
-    return BuildContext(data=data, model_cfg={}, device=torch.device("cpu"), seed=0, cache_dir=Path("."))
+    _, session = ensemble_session
+    clf = session.classifier
+    assert isinstance(clf.module, Ensemble) and len(clf.module.members) == 2 and clf.module.mode == "softmax"
+    access = make_ensemble_access(clf, PassCounter())
+    x = torch.rand(5, 1, 28, 28, requires_grad=True)
+    z = forward_members(access, x)
+    (g,) = torch.autograd.grad(z[1].logsumexp(1).sum(), x)
+    local = SmallCNN(1, 10, width=8, hidden=32).eval()
+    local.load_state_dict(trained[0])
+    ref = local(x)
+    (g_ref,) = torch.autograd.grad(ref.logsumexp(1).sum(), x)
+    assert torch.allclose(z[0], ref, atol=1e-5) and torch.allclose(g, g_ref, atol=1e-5)
+    assert access.member_counter.forward == 10 and access.counter.forward == 5
 
 
 class _Payload:

@@ -27,7 +27,6 @@ fail_fraction * attacked)). Probe PGD uses the C&W margin loss (no softmax satur
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path

@@ -138,7 +138,7 @@ def rejudge(samples: pd.DataFrame, adv: dict[str, np.ndarray], clean: dict[int, 
             continue
         session = fresh(f"judge-{j}")
         try:
-            for ex, v in zip(lst, judge(session, lst, draws, batch_size, int(rng.integers(2**31)), device)):
+            for ex, v in zip(lst, judge(session, lst, draws, batch_size, int(rng.integers(2**31)), device), strict=True):
                 found[(ex.sample_id, ex.attack)] = v
         finally:
             session.close()

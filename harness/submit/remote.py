@@ -25,7 +25,7 @@ import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -437,6 +437,11 @@ class RemoteModule(nn.Module):
                 self.remote.release(handle)
             return out.to(x.dtype) if x.dtype.is_floating_point else out
         return _RemoteGrad.apply(x, out.to(x.dtype), _GraphRef(self.remote, handle))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "RemoteModule":
+        # A private copy of a remote model is another handle on the same worker (the worker, not
+        # this proxy, holds the model); copying the process or its pipes would make no sense.
+        return RemoteModule(self.remote, self.target, bytes(self.bundle_sha256.tolist()))
 
     def extra_repr(self) -> str:
         return f"target={self.target}, worker={self.remote.worker.role}"

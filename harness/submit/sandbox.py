@@ -23,6 +23,7 @@ core dumps, plus wall-clock deadlines the harness enforces per request and per w
 """
 from __future__ import annotations
 
+import math
 import os
 import resource
 import shutil
@@ -51,6 +52,7 @@ class SandboxLimits:
     request_s: float = 600.0  # wall seconds one forward or vector-Jacobian product may take
     wall_s: float = 24 * 3600.0  # wall seconds a worker may live
     file_mb: int = 1024  # RLIMIT_FSIZE: largest file the worker may write (scratch, log)
+    scratch_mb: int = 512  # size of each of the sandbox's tmpfs folders (/scratch, /tmp), which live in RAM
     open_files: int = 256  # RLIMIT_NOFILE
     threads: int = 0  # torch threads in the worker (0: as many as the harness uses)
 
@@ -61,7 +63,7 @@ class SandboxLimits:
         for k, v in d.items():
             if k not in valid:
                 raise UserError(f"sandbox.{k} is not a sandbox limit; valid: {', '.join(sorted(valid))}")
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or v != v or v == float("inf"):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise UserError(f"sandbox.{k}={v!r} must be a finite number >= 0")
         return cls(**d)
 
@@ -120,7 +122,7 @@ def _system_binds() -> list[str]:
     return args
 
 
-def bwrap_args(bundle: Path | None, device: str) -> list[str]:
+def bwrap_args(bundle: Path | None, device: str, scratch_mb: int = 512) -> list[str]:
     """The bubblewrap command line (before the worker's own argv)."""
     exe = shutil.which("bwrap") or "bwrap"
     args = [exe, "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL", "--clearenv",
@@ -131,7 +133,8 @@ def bwrap_args(bundle: Path | None, device: str) -> list[str]:
     args += ["--ro-bind", str(harness_root() / "harness"), f"{ARENA_MOUNT}/harness"]
     if bundle is not None:
         args += ["--ro-bind", str(bundle), BUNDLE_MOUNT]
-    args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--tmpfs", "/scratch"]
+    size = str(int(scratch_mb) * 1024 * 1024)  # tmpfs lives in RAM: bounded, or a worker could fill it
+    args += ["--proc", "/proc", "--dev", "/dev", "--size", size, "--tmpfs", "/tmp", "--size", size, "--tmpfs", "/scratch"]
     if device.startswith("cuda"):
         for dev in sorted(Path("/dev").glob("nvidia*")):
             args += ["--dev-bind", str(dev), str(dev)]
@@ -247,7 +250,7 @@ def launch_spec(isolation: Isolation, bundle: Path, worker_args: list[str], limi
         paths = [ARENA_MOUNT, *site]
         boot = [sys.executable, "-I", "-S", "-c", BOOT, os.pathsep.join(paths), BUNDLE_MOUNT, *worker_args]
         env = worker_env(threads, "/scratch")
-        argv = [*bwrap_args(bundle, device)]
+        argv = [*bwrap_args(bundle, device, int(limits.scratch_mb) or 512)]
         for k, v in env.items():
             argv += ["--setenv", k, v]
         return LaunchSpec([*argv, *boot], {}, "/", preexec)

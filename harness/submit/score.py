@@ -393,7 +393,7 @@ def _submit(bundle_path: Path, opts: SubmitOptions, isolation: Isolation, staged
         health_cfg.n_samples = int(opts.health_samples)
 
     from harness.core.device import resolve_device
-    from harness.data.datasets import load_dataset, select_eval
+    from harness.data.datasets import select_eval
 
     data = _stage("dataset", lambda: _load_data(cfg, opts))
     cap_samples(cfg, int(data.test_x.shape[0]))
