@@ -123,8 +123,13 @@ def _fifo(bundle: Path, outside: Path) -> None:
     os.mkfifo(bundle / "pipe")
 
 
-@pytest.mark.parametrize("trick", [_link_weights_outside, _link_model_outside, _link_card_outside, _link_folder, _fifo],
-                         ids=["weights", "model_file", "card", "folder", "fifo"])
+def _link_loop(bundle: Path, outside: Path) -> None:
+    (bundle / "a").symlink_to("b")
+    (bundle / "b").symlink_to("a")
+
+
+@pytest.mark.parametrize("trick", [_link_weights_outside, _link_model_outside, _link_card_outside, _link_folder, _fifo,
+                                   _link_loop], ids=["weights", "model_file", "card", "folder", "fifo", "loop"])
 def test_links_out_of_the_bundle_and_special_files_are_refused(make_bundle, tmp_path, capsys, trick):
     bundle = make_bundle("clean")
     outside = tmp_path / "outside"

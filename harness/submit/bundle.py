@@ -414,6 +414,7 @@ def stage_bundle(src: Path | str, dst: Path, max_bytes: int = MAX_BUNDLE_BYTES, 
         for d in dirnames:
             if not (here / d).is_symlink():
                 (dst / rel_dir / d).mkdir()
+                files += 1  # folders count toward the entry limit too
         for name in filenames:
             p = here / name
             target = Path(os.path.realpath(p))
@@ -421,8 +422,13 @@ def stage_bundle(src: Path | str, dst: Path, max_bytes: int = MAX_BUNDLE_BYTES, 
                 raise BundleError(f"bundle file {str(rel_dir / name)!r} is a symbolic link that leaves the bundle; copy the file in")
             files += 1
             if files > max_files:
-                raise BundleError(f"the bundle holds more than {max_files} files; submit only the model, its weights and the card")
-            fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+                raise BundleError(f"the bundle holds more than {max_files} files and folders; submit only the model, its "
+                                  f"weights and the card")
+            try:
+                fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            except OSError as exc:  # a link loop, a file that vanished, no permission
+                raise BundleError(f"bundle file {str(rel_dir / name)!r} cannot be read ({exc.strerror}); "
+                                  f"replace it by a regular file") from None
             try:
                 info = os.fstat(fd)
                 if not stat.S_ISREG(info.st_mode):

@@ -51,7 +51,7 @@ class SandboxLimits:
     load_s: float = 300.0  # wall seconds to import model.py, call create() and load the weights
     request_s: float = 600.0  # wall seconds one forward or vector-Jacobian product may take
     wall_s: float = 24 * 3600.0  # wall seconds a worker may live
-    file_mb: int = 1024  # RLIMIT_FSIZE: largest file the worker may write (scratch, log)
+    file_mb: int = 64  # RLIMIT_FSIZE: largest file the worker may write (scratch files, its log)
     scratch_mb: int = 512  # size of each of the sandbox's tmpfs folders (/scratch, /tmp), which live in RAM
     open_files: int = 256  # RLIMIT_NOFILE
     threads: int = 0  # torch threads in the worker (0: as many as the harness uses)

@@ -52,7 +52,7 @@ from harness.core.errors import UserError
 from harness.core.hashing import file_sha256
 from harness.submit.bundle import CARD_NAME, Bundle, load_bundle, stage_bundle, verify_checksum, write_template
 from harness.submit.remote import Session, Worker, open_session
-from harness.submit.sandbox import MODES, Isolation, SandboxLimits, detect_isolation
+from harness.submit.sandbox import BUNDLE_MOUNT, MODES, Isolation, SandboxLimits, detect_isolation
 
 FAMILY = "submission"
 CHECKS = ("bundle", "card", "checksum", "loading", "contract", "clean_accuracy", "suite", "stateful_model")
@@ -374,8 +374,10 @@ def _submit(bundle_path: Path, opts: SubmitOptions, isolation: Isolation, staged
 
     started = time.perf_counter()
     original = bundle_path.expanduser().resolve()
+    if not original.is_dir():
+        raise Rejection("card", f"bundle {str(bundle_path)!r} is not a directory; give the directory that holds {CARD_NAME}")
     _stage("bundle", lambda: stage_bundle(original, staged))
-    bundle = _stage("card", lambda: load_bundle(staged))
+    bundle = _stage("card", lambda: _as_original(lambda: load_bundle(staged), staged, original))
     card = bundle.card
     log(f"  ok  card: {card['name']} ({card['architecture']}; {len(card['threat_models'])} threat model(s))")
     sha = _stage("checksum", lambda: verify_checksum(bundle))
@@ -413,7 +415,7 @@ def _submit(bundle_path: Path, opts: SubmitOptions, isolation: Isolation, staged
                             input_shape=tuple(data.input_shape), randomized=randomized, digest=digest, role=role,
                             log_dir=log_dir, info=info)
 
-    session = _stage("loading", lambda: fresh("check"))
+    session = _stage("loading", lambda: _as_original(lambda: fresh("check"), staged, original))
     try:
         log(f"  ok  loading: in a sandboxed worker, weights_only load, create() from {card['model_file']}, strict state dict")
         probe = to_unit(x_u8[: min(64, x_u8.shape[0])], device)
@@ -488,6 +490,15 @@ def _submit(bundle_path: Path, opts: SubmitOptions, isolation: Isolation, staged
     log(f"accepted: {card['name']} ({'MASKING SUSPECTED' if result.masking_suspected else 'no masking suspected'}; "
         f"isolation {isolation.level}; {time.perf_counter() - started:.0f} s)")
     return result
+
+
+def _as_original(fn: Callable[[], Any], staged: Path, original: Path) -> Any:
+    """Run fn; an error naming the private staged copy names the submitted bundle instead."""
+    try:
+        return fn()
+    except UserError as exc:
+        text = str(exc).replace(str(staged), str(original)).replace(f"'{BUNDLE_MOUNT}/", f"'{original}/")
+        raise UserError(text) from None
 
 
 def _load_data(cfg: dict[str, Any], opts: SubmitOptions) -> Any:

@@ -85,19 +85,34 @@ def _wait(fd: int, events: int, deadline: float) -> None:
         raise WireError("the worker closed its pipe")
 
 
+def _pending(pieces: list[memoryview]) -> list[memoryview]:
+    return [p for p in pieces if len(p)]
+
+
+def _advance(pieces: list[memoryview], n: int) -> list[memoryview]:
+    """Drop the first n bytes of the pieces (after a partial writev)."""
+    out = []
+    for p in pieces:
+        if n >= len(p):
+            n -= len(p)
+            continue
+        out.append(p[n:])
+        n = 0
+    return out
+
+
 def send(fd: int, header: dict[str, Any], payload: np.ndarray | None, deadline: float) -> None:
-    """Write one message to a non-blocking fd before `deadline` (time.monotonic)."""
-    for piece in frame(header, payload):
-        view = memoryview(piece).cast("B") if not isinstance(piece, memoryview) else piece
-        while len(view):
-            try:
-                n = os.write(fd, view)
-            except BlockingIOError:
-                _wait(fd, select.POLLOUT, deadline)
-                continue
-            except (BrokenPipeError, OSError) as exc:
-                raise WireError(f"the worker closed its pipe ({type(exc).__name__})") from None
-            view = view[n:]
+    """Write one message to a non-blocking fd before `deadline` (time.monotonic), in as few syscalls as fit."""
+    pieces = _pending([memoryview(p).cast("B") if not isinstance(p, memoryview) else p for p in frame(header, payload)])
+    while pieces:
+        try:
+            n = os.writev(fd, pieces)
+        except BlockingIOError:
+            _wait(fd, select.POLLOUT, deadline)
+            continue
+        except (BrokenPipeError, OSError) as exc:
+            raise WireError(f"the worker closed its pipe ({type(exc).__name__})") from None
+        pieces = _advance(pieces, n)
 
 
 def _read_exact(fd: int, buf: memoryview, deadline: float) -> None:
@@ -143,10 +158,9 @@ def recv(fd: int, deadline: float, max_payload: int) -> tuple[dict[str, Any], me
 
 
 def write_blocking(fd: int, header: dict[str, Any], payload: np.ndarray | None = None) -> None:
-    for piece in frame(header, payload):
-        view = memoryview(piece).cast("B") if not isinstance(piece, memoryview) else piece
-        while len(view):
-            view = view[os.write(fd, view):]
+    pieces = _pending([memoryview(p).cast("B") if not isinstance(p, memoryview) else p for p in frame(header, payload)])
+    while pieces:
+        pieces = _advance(pieces, os.writev(fd, pieces))
 
 
 def _read_blocking(fd: int, n: int) -> bytearray:
