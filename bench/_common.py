@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import platform
 import sys
 import time
@@ -12,7 +13,7 @@ from typing import Any
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+SHARED = Path(os.environ.get("ARENA_SHARED") or REPO.parent / "shared")  # ARENA_SHARED: run from a worktree elsewhere
 RESULTS = REPO / "bench" / "results"
 
 

@@ -238,6 +238,10 @@ REPLIES = {
     import os, pickle, struct
     body = pickle.dumps({"id": header.get("id")})
     os.write(self.fd_out, struct.pack(">4sIQ", b"RAW1", len(body), 0) + body)''',
+    "deeply_nested_json": '''
+    import os, struct
+    body = b"[" * 30000 + b"]" * 30000
+    os.write(self.fd_out, struct.pack(">4sIQ", b"RAW1", len(body), 0) + body)''',
     "wrong_request_id": '''
     x = self.tensor(header, payload)
     self.reply({"id": (header.get("id") or 0) + 7, "shape": [x.shape[0], 10], "dtype": "float32", "handle": None},
@@ -270,6 +274,59 @@ _w.Server.forward = _evil
     assert "\n" not in str(exc.value) and len(str(exc.value)) < 400
     assert time.monotonic() - start < 60
     assert session.worker.proc.poll() is not None  # the worker is gone
+
+
+def test_a_worker_that_hangs_in_a_gradient_is_cut_off_inside_backward(tmp_path):
+    prelude = "import time\nimport harness.submit.worker as _w\n_w.Server.vjp = lambda self, header, payload: time.sleep(3600)\n"
+    session = _session(_bundle(tmp_path / "b", prelude), request_s=3)
+    x = torch.rand(4, 1, 28, 28, requires_grad=True)
+    try:
+        out = session.classifier.module(x)
+        with pytest.raises(WorkerError, match="did not answer a gradient of 4 inputs within 3 s"):
+            torch.autograd.grad(out.sum(), x)
+    finally:
+        session.close()
+    assert session.worker.proc.poll() is not None
+
+
+def test_the_cpu_time_limit_ends_a_spinning_model(tmp_path):
+    tail = """
+class Spin(Net):
+    def forward(self, x):
+        while True:
+            pass
+
+
+def create():
+    return Spin()
+"""
+    session = _session(_bundle(tmp_path / "b", "", tail), cpu_s=8, request_s=300)
+    try:
+        with pytest.raises(WorkerError, match="exceeded its CPU-time limit"):
+            session.classifier.module(torch.rand(2, 1, 28, 28))
+    finally:
+        session.close()
+
+
+def test_the_memory_limit_refuses_a_huge_allocation_and_the_worker_survives(tmp_path):
+    tail = """
+class Greedy(Net):
+    def forward(self, x):
+        if x.shape[0] == 3:
+            torch.empty(2**31, dtype=torch.float32).fill_(1.0)  # 8 GiB
+        return self.net(x)
+
+
+def create():
+    return Greedy()
+"""
+    session = _session(_bundle(tmp_path / "b", "", tail), memory_mb=4096)
+    try:
+        with pytest.raises(RemoteError, match="(?i)memory|alloc"):
+            session.classifier.module(torch.rand(3, 1, 28, 28))
+        assert session.classifier.module(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+    finally:
+        session.close()
 
 
 def test_a_model_error_is_reported_in_one_sanitised_line_and_the_worker_keeps_serving(tmp_path):

@@ -322,6 +322,8 @@ def test_shared_resnet2b_bundle_gets_its_clean_accuracy(tmp_path):
     row = _row(work, "resnet2b-pgd")
     assert row["clean_acc"] == pytest.approx(70.3, abs=1e-6)
     assert row["dataset"] == "cifar10" and row["threat"] == f"Linf-{2 / 255:.4g}" and bool(row["submission"])
+    assert row["data"] == "cifar10_test_first1000:da362006b9967121"  # the operator's file: stem and content hash
+    assert not bool(row["stateful_model"])
     assert 50.0 < row["robust_acc"] < 60.0  # PGD-10 + Square-300 at 2/255 (README: CE-PGD-20 57.0 %)
     assert not result.masking_suspected
     assert result.health[f"Linf-{2 / 255:.4g}"].get("transfer").status == "skip"  # no training split in the npz

@@ -154,6 +154,8 @@ def rejudge(samples: pd.DataFrame, adv: dict[str, np.ndarray], clean: dict[int, 
         v = found.get(key)
         if v is None:  # a verdict without its example: never counted as robust
             raise RuntimeError(f"no stored example for sample {key[0]} attack {key[1]!r}; the run is incomplete")
+        if bool(out.at[i, "violation"]):  # an invalid example is never a success; the evaluator already decided
+            continue
         n_draws = int(out.at[i, "draws"])
         before = int(out.at[i, "correct_draws"])
         out.at[i, "correct_draws"] = v.correct

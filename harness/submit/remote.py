@@ -57,10 +57,11 @@ def clean_text(value: Any, limit: int = MESSAGE_CHARS) -> str:
 
 
 def _exit_reason(code: int | None) -> str:
+    """Why a worker ended; bubblewrap (like a shell) reports a child killed by signal S as 128 + S."""
     if code is None:
         return "still running"
-    if code < 0:
-        sig = -code
+    if code < 0 or 128 < code < 128 + 65:
+        sig = -code if code < 0 else code - 128
         name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
         if sig == signal.SIGXCPU:
             return f"killed by {name}: it exceeded its CPU-time limit"
@@ -131,8 +132,9 @@ class Worker:
         try:  # the interpreter and torch come up first (not the submission's time), then the load limit runs
             hello, _ = recv(self._r, self._started + STARTUP_S, 0)
         except WireError as exc:
+            why = self._exit()
             self.close()
-            raise WorkerError(f"the model worker did not start ({self._exit()}; {clean_text(exc)})") from None
+            raise WorkerError(f"the model worker did not start ({why}; {clean_text(exc)})") from None
         if hello.get("op") != "hello":
             self.close()
             raise WorkerError("the model worker sent something other than its start message")
@@ -140,11 +142,13 @@ class Worker:
         try:
             header, _ = recv(self._r, deadline, 0)
         except WireError as exc:
-            self.close()
             if "deadline" in str(exc):
+                self.close()
                 raise WorkerError(f"the model did not finish loading within {self.limits.load_s:g} s (import of "
                                   f"{self.model_file}, create() and the weights); loading must not block or sleep") from None
-            raise WorkerError(f"the model worker ended while loading ({self._exit()}; {clean_text(exc)})") from None
+            why = self._exit()
+            self.close()
+            raise WorkerError(f"the model worker ended while loading ({why}; {clean_text(exc)})") from None
         if header.get("op") != "ready":
             self.close()
             raise WorkerError("the model worker sent something other than its ready message while loading")
@@ -197,6 +201,12 @@ class Worker:
             shutil.rmtree(self._scratch, ignore_errors=True)
             self._scratch = None
 
+    def __del__(self) -> None:  # a worker dropped without close() must not outlive its handle
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001  (interpreter shutdown)
+            pass
+
     def __enter__(self) -> "Worker":
         return self
 
@@ -218,13 +228,17 @@ class Worker:
             send(self._w, {**header, "id": rid}, payload, deadline)
             reply, data = recv(self._r, deadline, max_payload)
         except WireError as exc:
-            timed_out = "deadline" in str(exc)
-            self.close()
-            if timed_out:
+            if "deadline" in str(exc):
+                self.close()
                 limit = self.limits.request_s if deadline < self._started + float(self.limits.wall_s) else self.limits.wall_s
                 raise WorkerError(f"the model did not answer a {what} within {limit:g} s; a forward pass or gradient "
                                   f"must finish within the sandbox's time limit") from None
-            raise WorkerError(f"the model worker broke the protocol during a {what} ({clean_text(exc)}; {self._exit()})") from None
+            if "closed" in str(exc):
+                why = self._exit()
+                self.close()
+                raise WorkerError(f"the model worker ended during a {what} ({why})") from None
+            self.close()
+            raise WorkerError(f"the model worker broke the protocol during a {what} ({clean_text(exc)}); it was killed") from None
         self.stats.requests += 1
         self.stats.wait_s += time.monotonic() - now
         self.stats.bytes_out += 0 if payload is None else int(payload.nbytes)

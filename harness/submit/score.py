@@ -405,7 +405,7 @@ def _submit(bundle_path: Path, opts: SubmitOptions, isolation: Isolation, staged
     cache_dir = Path(str(cfg["work_dir"])) / "cache"
     digest = _digest(bundle)
     randomized = bool(card["randomized"])
-    worker_device = "cuda" if device.type == "cuda" else "cpu"
+    worker_device = str(device) if device.type == "cuda" else "cpu"  # the same GPU as the harness
     log_dir = Path(opts.work_dir) / "workers" / f"{card['name']}-{seed}"
     info = {"model_file": card["model_file"], "weights_sha256": sha, "isolation": isolation.level}
 

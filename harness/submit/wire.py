@@ -145,7 +145,7 @@ def recv(fd: int, deadline: float, max_payload: int) -> tuple[dict[str, Any], me
     _read_exact(fd, memoryview(body), deadline)
     try:
         header = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: JSON nested thousands deep
         raise WireError("a header that is not UTF-8 JSON") from None
     if not isinstance(header, dict):
         raise WireError("a header that is not a JSON object")
