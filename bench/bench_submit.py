@@ -6,8 +6,10 @@ issue 13), once with the model in a sandboxed worker behind the `nn.Module` prox
 The two are interleaved for `--rounds` rounds (the order alternates), and wall time and CPU time
 (this process plus every waited child: the workers) are reported as min / median / max. The worker
 column "suite" includes starting the attack worker; "verify" is what the sandbox adds after the suite
-(the statelessness audit's fresh workers and the fresh-process verdicts). The records of the two
-paths must be identical (the proxy is exact on the CPU); the script checks that.
+(the statelessness audit's fresh workers and the fresh-process verdicts). CPU time is this
+process's plus, for the worker path, each worker's whole process tree read from /proc just before
+it ends. The records of the two paths must be identical (the proxy is exact on the CPU); the
+script checks that.
 
 Models: the ../shared LeNet-5 (PGD-trained, MNIST, Linf 0.3) and ResNet-2B (CIFAR-10, Linf 2/255),
 first N test images of ../shared/data. Alone on the machine (the lead's timing run):
@@ -47,9 +49,9 @@ COLUMNS = ["sample_id", "attack", "ran", "correct_draws", "success", "pred", "n_
 
 
 def cpu_seconds() -> float:
-    """CPU time of this process plus all waited-for children (the workers and bubblewrap)."""
-    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+    """CPU time of this process (the workers' is added from their own process trees, see WorkerStats.cpu_s)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return own.ru_utime + own.ru_stime
 
 
 def config(spec: dict[str, Any], bundle: Path, work: Path, suite: str, n: int, batch: int) -> dict[str, Any]:
@@ -89,9 +91,14 @@ def through_worker(cfg: dict[str, Any], spec: dict[str, Any], bundle: Path, isol
     data = load_dataset(dict(cfg["dataset"]))
     ids, x_u8, y = select_eval(data, cfg["n_samples"])
 
+    workers: list[Any] = []
+
     def fresh(role: str):
-        return open_session(bundle, "model.py", spec["weights"], isolation=isolation, limits=SandboxLimits(), device="cpu",
-                            num_classes=10, input_shape=tuple(data.input_shape), randomized=False, digest=b"\0" * 32, role=role)
+        session = open_session(bundle, "model.py", spec["weights"], isolation=isolation, limits=SandboxLimits(), device="cpu",
+                               num_classes=10, input_shape=tuple(data.input_shape), randomized=False, digest=b"\0" * 32,
+                               role=role)
+        workers.append(session.worker)
+        return session
 
     reservoir = Reservoir(audit)
     captured: dict[str, Any] = {}
@@ -110,6 +117,8 @@ def through_worker(cfg: dict[str, Any], spec: dict[str, Any], bundle: Path, isol
     cfg = {**cfg, "submission": {"isolation": isolation.level, "verdicts": "bench"}}
     hooks = RunHooks(classifier=attack_classifier, keep_adversarial=True, before_batch=reservoir.begin, finalize=capture)
     _, suite_wall, suite_cpu = timed(lambda: run_evaluation(cfg, log=lambda *a: None, hooks=hooks))
+    suite_cpu += sum(w.stats.cpu_s for w in workers)  # the attack worker's process tree
+    suite_workers = len(workers)
 
     def verify():
         result = replay(reservoir, fresh)
@@ -120,6 +129,7 @@ def through_worker(cfg: dict[str, Any], spec: dict[str, Any], bundle: Path, isol
         return result, rej
 
     (audit_result, rej), verify_wall, verify_cpu = timed(verify)
+    verify_cpu += sum(w.stats.cpu_s for w in workers[suite_workers:])  # audit and judge workers
     return {"samples": captured["samples"], "suite_wall": suite_wall, "suite_cpu": suite_cpu, "verify_wall": verify_wall,
             "verify_cpu": verify_cpu, "audit_ok": audit_result.passed, "audit_replayed": audit_result.replayed,
             "disagreements": rej.facts["disagreements"], "judges": rej.facts["judges"]}
@@ -207,7 +217,7 @@ def main() -> None:
         f"Machine: {machine()}; isolation {isolation.level} ({isolation.mechanism}). {label}.",
         f"Suite `{args.suite}`, seed 0, first N test images, batch {args.batch}, CPU, {args.rounds} interleaved rounds "
         f"(order alternating); audit {args.audit_per_batch} request(s) per batch. Times in seconds, min / median / max; "
-        f"CPU = this process plus every waited child (workers, bubblewrap).",
+        f"CPU = this process plus (worker path) every worker's process tree.",
         "",
         "| model | N | in process: wall | CPU | worker suite (incl. start): wall | CPU | ratio wall | ratio CPU | "
         "+ audit & fresh verdicts: wall | CPU | total ratio wall | CPU | records identical |",

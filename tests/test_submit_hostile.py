@@ -177,6 +177,19 @@ def test_every_bad_flag_is_one_line_exit_2_and_writes_nothing(make_bundle, tmp_p
     assert not work.exists() and _tree(bundle) == before and not (bundle / "w").exists()
 
 
+def test_submitted_code_is_never_imported_into_the_harness_process(make_bundle, tmp_path):
+    import builtins
+    import sys
+
+    bundle = make_bundle("clean")
+    (bundle / "model.py").write_text("import builtins\nbuiltins.ARENA_BUNDLE_RAN_HERE = True\n" + (bundle / "model.py").read_text())
+    result = submit(bundle, SubmitOptions(work_dir=tmp_path / "w", suite=SMOKE, seed=0, device="cpu", check_only=True),
+                    log=lambda s: None)
+    assert result.clean["measured"] > 75  # the model did run: in its worker
+    assert not hasattr(builtins, "ARENA_BUNDLE_RAN_HERE")
+    assert not [m for m in list(sys.modules.values()) if "arena-bundle-" in str(getattr(m, "__file__", "") or "")]
+
+
 def test_a_model_that_sleeps_at_import_is_rejected_by_the_loading_check(make_bundle, tmp_path):
     bundle = make_bundle("clean")
     (bundle / "model.py").write_text("import time\ntime.sleep(3600)\n" + (bundle / "model.py").read_text())

@@ -80,6 +80,36 @@ class WorkerStats:
     bytes_out: int = 0
     bytes_in: int = 0
     wait_s: float = 0.0  # wall time spent waiting for replies (the worker's compute plus transport)
+    cpu_s: float = 0.0  # CPU seconds of the worker's whole process tree, read from /proc just before it ends
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """CPU time (user + system, plus reaped children) of a process and all its descendants, from /proc.
+
+    Measured by the harness, not reported by the worker. (`getrusage(RUSAGE_CHILDREN)` misses the
+    sandbox's processes: bubblewrap's PID-namespace init does not pass their usage up.)
+    """
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    parent: dict[int, int] = {}
+    cpu: dict[int, float] = {}
+    for d in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        parent[int(d.name)] = int(fields[1])
+        cpu[int(d.name)] = sum(int(v) for v in fields[11:15]) / tick  # utime stime cutime cstime
+    total, todo, seen = 0.0, [root], set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        total += cpu.get(pid, 0.0)
+        todo += [c for c, pp in parent.items() if pp == pid]
+    return total
 
 
 class Worker:
@@ -170,6 +200,10 @@ class Worker:
     def close(self) -> None:
         """Ask the worker to exit, then kill its whole process group; remove its scratch folder."""
         if self.proc is not None and self.proc.poll() is None:
+            try:
+                self.stats.cpu_s = tree_cpu_seconds(self.proc.pid)
+            except (OSError, ValueError):  # pragma: no cover
+                pass
             try:
                 send(self._w, {"op": "bye"}, None, time.monotonic() + 1.0)
                 self.proc.wait(timeout=2)
