@@ -21,7 +21,9 @@ attack-time verdict being the more robust one beyond chance (one-sided sign test
 from __future__ import annotations
 
 import math
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -90,7 +92,7 @@ def judge(session: Session, examples: list[Example], draws: int, batch_size: int
     """The harness's verdict (correct draws, first prediction, margin) on each example, in this worker."""
     clf = session.classifier
     n_draws = draws if clf.randomized else 1
-    torch.manual_seed(seed)
+    session.model.generator = torch.Generator().manual_seed(seed)  # this judge's draws, independent of other threads
     verdicts: list[Verdict] = []
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
@@ -126,22 +128,30 @@ def _sign_test(a: int, b: int) -> float:
 
 def rejudge(samples: pd.DataFrame, adv: dict[str, np.ndarray], clean: dict[int, np.ndarray], labels: dict[int, int],
             fresh: Callable[[str], Session], *, draws: int, randomized: bool, batch_size: int, seed: int,
-            device: torch.device) -> Rejudged:
+            device: torch.device, parallel: int | None = None) -> Rejudged:
     """Re-judge every verdict in fresh workers; the records returned carry the fresh verdict."""
     start = time.perf_counter()
+    parallel = parallel or os.cpu_count() or 1
     rng = np.random.default_rng([int(seed), 13])
     examples = examples_of(samples, adv, clean, labels)
     judges = assign(examples, rng)
     found: dict[tuple[int, str], Verdict] = {}
-    for j, lst in enumerate(judges):
-        if not lst:
-            continue
+    seeds = [int(rng.integers(2**31)) for _ in judges]
+
+    def run_judge(j: int) -> list[tuple[Example, Verdict]]:
         session = fresh(f"judge-{j}")
         try:
-            for ex, v in zip(lst, judge(session, lst, draws, batch_size, int(rng.integers(2**31)), device), strict=True):
-                found[(ex.sample_id, ex.attack)] = v
+            return list(zip(judges[j], judge(session, judges[j], draws, batch_size, seeds[j], device), strict=True))
         finally:
             session.close()
+
+    # Judges are independent processes: start and run as many at once as there are cores (the
+    # harness threads only wait on pipes), each with its own seeds, so the result does not depend on it.
+    todo = [j for j, lst in enumerate(judges) if lst]
+    with ThreadPoolExecutor(max_workers=max(1, min(len(todo), parallel))) as pool:
+        for pairs in pool.map(run_judge, todo):
+            for ex, v in pairs:
+                found[(ex.sample_id, ex.attack)] = v
     out = samples.copy()
     out["attack_correct_draws"] = out["correct_draws"]
     out["attack_success"] = out["success"]

@@ -332,7 +332,7 @@ class Exchange:
     """One forward request (and its VJP, if any) as sent and answered: what an audit replays."""
 
     target: int
-    seed: int
+    seed: int | None
     grad: bool
     x: np.ndarray
     out: np.ndarray
@@ -345,7 +345,7 @@ class RemoteModel:
 
     Seeds: a declared-randomised model gets a seed drawn from torch's global generator for every
     request (so the cascade's per-batch seeding fixes its noise, as in process); a deterministic
-    one gets a counter, which leaves the harness's random streams exactly as they are in process.
+    one gets none, which leaves the harness's random streams exactly as they are in process.
     `tap`, when set, is offered every exchange (`tap.wants()` before anything is copied, then
     `tap.keep(exchange)`): the audit's reservoir.
     """
@@ -356,15 +356,15 @@ class RemoteModel:
         self.input_shape = tuple(int(s) for s in input_shape)
         self.randomized = bool(randomized)
         self.tap: Any = None
-        self._counter = 0
+        self.generator: torch.Generator | None = None
         self._released: list[int] = []
         self._exchanges: dict[int, Exchange] = {}
 
-    def _seed(self) -> int:
+    def _seed(self) -> int | None:
         if self.randomized:
-            return int(torch.randint(0, 2**62, (1,)).item())
-        self._counter += 1
-        return self._counter
+            # a private generator when the caller set one (judges running in threads), else the global one
+            return int(torch.randint(0, 2**62, (1,), generator=self.generator).item())
+        return None
 
     def release(self, handle: int) -> None:
         self._released.append(int(handle))
@@ -376,12 +376,12 @@ class RemoteModel:
                             f"(N, {', '.join(map(str, self.input_shape))}) with N >= 1")
 
     def forward(self, x: torch.Tensor, target: int = -1, grad: bool = False,
-                seed: int | None = None) -> tuple[torch.Tensor, int | None, bool]:
+                seed: int | None | str = "draw") -> tuple[torch.Tensor, int | None, bool]:
         """(logits on x's device, graph handle or None, whether the model's output was differentiable)."""
         self._check_input(x)
         n = int(x.shape[0])
         arr = x.detach().to("cpu", torch.float32).contiguous().numpy()
-        seed = self._seed() if seed is None else int(seed)
+        seed = self._seed() if seed == "draw" else seed  # a replay passes the recorded seed (None included)
         release, self._released = self._released, []
         header = {"op": "forward", "target": int(target), "grad": bool(grad), "seed": seed, "shape": list(arr.shape),
                   "release": release}

@@ -195,27 +195,46 @@ def detect_isolation(mode: str = "auto") -> Isolation:
 # --------------------------------------------------------------------------- starting one
 
 
-def _limit_setter(limits: SandboxLimits, device: str) -> Callable[[], None]:
-    """Runs in the child between fork and exec: rlimits, and death with the harness."""
-    memory = int(limits.memory_mb) * 1024 * 1024
+def _rlimits(limits: SandboxLimits, device: str) -> list[tuple[str, int, int]]:
+    """(prlimit option, soft, hard) of every limit that applies."""
+    out = [("--core", 0, 0)]
+    if limits.memory_mb and not device.startswith("cuda"):  # CUDA reserves huge virtual ranges
+        out.append(("--as", int(limits.memory_mb) * 1024 * 1024, int(limits.memory_mb) * 1024 * 1024))
+    if limits.cpu_s:
+        out.append(("--cpu", int(limits.cpu_s), int(limits.cpu_s) + 5))
+    if limits.file_mb:
+        out.append(("--fsize", int(limits.file_mb) * 1024 * 1024, int(limits.file_mb) * 1024 * 1024))
+    if limits.open_files:
+        out.append(("--nofile", int(limits.open_files), int(limits.open_files)))
+    return out
 
-    def apply() -> None:
-        if memory and not device.startswith("cuda"):
-            resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
-        if limits.cpu_s:
-            resource.setrlimit(resource.RLIMIT_CPU, (int(limits.cpu_s), int(limits.cpu_s) + 5))
-        if limits.file_mb:
-            size = int(limits.file_mb) * 1024 * 1024
-            resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
-        if limits.open_files:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (int(limits.open_files), int(limits.open_files)))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        try:  # the worker gets SIGKILL if the harness dies (Linux prctl PR_SET_PDEATHSIG)
-            import ctypes
 
-            ctypes.CDLL(None, use_errno=True).prctl(1, 9, 0, 0, 0)
-        except (OSError, AttributeError):
-            pass
+def limit_prefix(limits: SandboxLimits, device: str, die_with_harness: bool) -> list[str]:
+    """`prlimit ... --` (and `setpriv --pdeathsig KILL --`) before the worker's command.
+
+    External tools from util-linux, not a `preexec_fn`: the harness starts judges from several
+    threads, and Python code between fork and exec is unsafe there.
+    """
+    prlimit, setpriv = shutil.which("prlimit"), shutil.which("setpriv")
+    if prlimit is None:
+        return []
+    prefix = [prlimit, *(f"{opt}={soft}:{hard}" for opt, soft, hard in _rlimits(limits, device)), "--"]
+    if die_with_harness and setpriv is not None:
+        prefix += [setpriv, "--pdeathsig", "KILL", "--"]
+    return prefix
+
+
+def _limit_setter(limits: SandboxLimits, device: str) -> Callable[[], None] | None:
+    """The rlimits as a preexec function: only where util-linux's prlimit is missing."""
+    if shutil.which("prlimit") is not None:
+        return None
+    names = {"--core": resource.RLIMIT_CORE, "--as": resource.RLIMIT_AS, "--cpu": resource.RLIMIT_CPU,
+             "--fsize": resource.RLIMIT_FSIZE, "--nofile": resource.RLIMIT_NOFILE}
+    values = [(names[opt], soft, hard) for opt, soft, hard in _rlimits(limits, device)]
+
+    def apply() -> None:  # pragma: no cover  (only without util-linux)
+        for res, soft, hard in values:
+            resource.setrlimit(res, (soft, hard))
 
     return apply
 
@@ -227,7 +246,7 @@ class LaunchSpec:
     argv: list[str]
     env: dict[str, str]
     cwd: str
-    preexec: Callable[[], None]
+    preexec: Callable[[], None] | None
     scratch: Path | None = None  # host scratch dir of a reduced worker (removed on close)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -250,7 +269,7 @@ def launch_spec(isolation: Isolation, bundle: Path, worker_args: list[str], limi
         paths = [ARENA_MOUNT, *site]
         boot = [sys.executable, "-I", "-S", "-c", BOOT, os.pathsep.join(paths), BUNDLE_MOUNT, *worker_args]
         env = worker_env(threads, "/scratch")
-        argv = [*bwrap_args(bundle, device, int(limits.scratch_mb) or 512)]
+        argv = [*limit_prefix(limits, device, die_with_harness=False), *bwrap_args(bundle, device, int(limits.scratch_mb) or 512)]
         for k, v in env.items():
             argv += ["--setenv", k, v]
         return LaunchSpec([*argv, *boot], {}, "/", preexec)
@@ -258,7 +277,8 @@ def launch_spec(isolation: Isolation, bundle: Path, worker_args: list[str], limi
     paths = [str(_harness_only_root(scratch)), *site]
     boot = [sys.executable, "-I", "-S", "-c", BOOT, os.pathsep.join(paths), str(bundle), *worker_args]
     prefix = _unshare_probe() if isolation.network else []
-    return LaunchSpec([*prefix, *boot], worker_env(threads, str(scratch)), str(scratch), preexec, scratch)
+    return LaunchSpec([*limit_prefix(limits, device, die_with_harness=True), *prefix, *boot],
+                      worker_env(threads, str(scratch)), str(scratch), preexec, scratch)
 
 
 def _harness_only_root(scratch: Path) -> Path:
