@@ -11,11 +11,12 @@ cascade), which is exact for all three numbers.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable
 
 import pandas as pd
 import torch
 
+from harness.core import progress
 from harness.core.access import Capability, CountingModule, ModelAccess, PassCounter
 from harness.core.classifier import Classifier
 from harness.core.errors import UserError
@@ -74,11 +75,11 @@ def correct_draws(clf: Classifier, x: torch.Tensor, y: torch.Tensor, draws: int,
 
 
 def evaluate_batch(plan: EvalPlan, clf: Classifier, b: int, ids: torch.Tensor, x_u8: torch.Tensor,
-                   y: torch.Tensor, adv_out: list[tuple[str, torch.Tensor, torch.Tensor]] | None = None) -> pd.DataFrame:
+                   y: torch.Tensor, on_verified: Callable[..., None] | None = None) -> pd.DataFrame:
     """Clean pass plus the cascade on one batch; returns its long-format records.
 
-    `adv_out`, when given, receives (attack label, sample ids, verified examples) for every stage:
-    exactly the inputs the verdicts were taken on (a submission's fresh re-judging needs them).
+    `on_verified(label, sample_ids, x_adv, success)`, when given, receives every attack's verified
+    examples (the projected inputs the harness judged) and its verdict (harness.evaluate, save_adv).
     """
     device, threat = plan.device, plan.threat
     x = to_unit(x_u8, device)
@@ -94,6 +95,7 @@ def evaluate_batch(plan: EvalPlan, clf: Classifier, b: int, ids: torch.Tensor, x
                      "pred": int(clean_pred[i]), "linf": 0.0, "l2": 0.0, "n_forward": 0.0, "n_backward": 0.0,
                      "n_queries": 0, "time_s": 0.0, "violation": False, "stage": "",
                      "budget_exhausted": False})
+    progress.stage_done("clean", x.shape[0], float(clean_count.sum()) / n_draws)
     for k, slot in enumerate(plan.slots, start=1):
         pool = (worst > 0) if plan.cascade else (clean_count > 0)
         idx = pool.nonzero().flatten()
@@ -111,11 +113,11 @@ def evaluate_batch(plan: EvalPlan, clf: Classifier, b: int, ids: torch.Tensor, x
             x_adv = out.x_adv.detach().to(device).reshape(xs.shape).float()
             bad = threat.violations(x_adv, xs)
             x_adv = torch.where(bad.view(-1, 1, 1, 1), xs, threat.project(x_adv, xs))  # float fix-ups only
-            if adv_out is not None:
-                adv_out.append((slot.label, ids[idx.cpu()].clone(), x_adv.detach().cpu().clone()))
             count, pred = correct_draws(clf, x_adv, ys, plan.draws, _batch_seed(plan.seed, b, slot.label + "/verify"))
             count = torch.where(bad, torch.full_like(count, n_draws), count)  # invalid example: not broken
             worst[idx] = torch.minimum(worst[idx], count)
+            if on_verified is not None:
+                on_verified(slot.label, ids[idx.cpu()], x_adv, (count * 2 < n_draws) if n_draws > 1 else (count == 0))
             linf, l2 = threat.norms(x_adv, xs)
             queries = getattr(access, "queries", None)
             exhausted = getattr(access, "exhausted", None)
@@ -135,6 +137,7 @@ def evaluate_batch(plan: EvalPlan, clf: Classifier, b: int, ids: torch.Tensor, x
                                    "l2": float("nan"), "n_forward": 0.0, "n_backward": 0.0, "n_queries": 0, "time_s": 0.0,
                                    "violation": False, "stage": "", "budget_exhausted": False}
             rows.append({"sample_id": ids_list[i], "label": y_list[i], "attack": slot.label, "order": k, "draws": n_draws, **r})
+        progress.stage_done(slot.label, x.shape[0], int((worst == n_draws).sum()))
     return pd.DataFrame(rows)
 
 

@@ -1,26 +1,32 @@
 """Run one evaluation: build the defense, check the contract, prepare the attacks, then the
 cascade batch by batch (resuming finished batches), and finish the run directory.
+
+`run_evaluation` is what `arena eval` calls; `execute` is the same path with the options the
+Python API needs: in-memory data, a classifier the caller built, the verified adversarial
+examples kept (`save_adv`, harness/evasion/adversarial.py).
 """
 from __future__ import annotations
 
+import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
-
 import pandas as pd
 import torch
 
-from harness.core.atomic import atomic_write
 from harness.core.attack import PrepareContext
 from harness.core.classifier import Classifier
 from harness.core.contract import check_classifier
 from harness.core.defense import BuildContext, build_defense
 from harness.core.hashing import module_hash, tensor_hash
-from harness.core.progress import progress_bar
+from harness.core import progress as progress_ui
+from harness.data.datasets import DatasetSplits
 from harness.data.training import to_unit
+from harness.evasion import adversarial as adv
 from harness.evasion.cascade import evaluate_batch
 from harness.evasion.plan import EvalPlan, plan_evaluation
 from harness.results.store import base_manifest
@@ -43,135 +49,186 @@ def summarize(samples: pd.DataFrame, plan: EvalPlan, clf_info: dict[str, Any], p
     }
 
 
-ADVERSARIAL = "adversarial.npz"
-
-
 @dataclass
-class RunHooks:
-    """What `arena submit` changes in a run (the defaults are a plain `arena eval`).
+class Outcome:
+    """A finished (or skipped) run: its summary, its store, and the adversarial examples if kept."""
 
-    classifier: an already built classifier (or a function building it, called only if the run is
-        not complete), e.g. a sandboxed submission's proxy, instead of building the configured
-        defense in this process.
-    keep_adversarial: store every verified example per batch and, at the end, `adversarial.npz`
-        (sample_id, attack, x) in the run directory.
-    before_batch: called with each batch index before that batch is evaluated.
-    finalize: (records, examples) -> (records, summary fields), called before the run is finished;
-        a submission re-judges every verdict in fresh workers here.
-    """
+    summary: dict[str, Any]
+    run: Any  # harness.results.store.RunDir | harness.results.memory.MemoryRun
+    skipped: bool
+    candidates: list[adv.Candidates] | None = None  # every verified candidate, per batch
+    adversarial: dict[str, np.ndarray] | None = None  # ids, x_adv, attack of the broken samples
 
-    classifier: Classifier | Callable[[], Classifier] | None = None
-    keep_adversarial: bool = False
-    before_batch: Callable[[int], None] | None = None
-    finalize: Callable[[pd.DataFrame, dict[str, np.ndarray]], tuple[pd.DataFrame, dict[str, Any]]] | None = None
-
-
-def _adv_path(run: Any, b: int) -> Path:
-    return run.batch_path(b).with_suffix(".adv.npz")
-
-
-def _pack_examples(examples: list[tuple[str, torch.Tensor, torch.Tensor]], shape: tuple[int, ...]) -> dict[str, np.ndarray]:
-    """One batch's verified examples as arrays: sample_id (K,), attack label (K,), x (K, C, H, W)."""
-    if not examples:
-        return {"sample_id": np.zeros(0, np.int64), "attack": np.zeros(0, "U1"), "x": np.zeros((0, *shape), np.float32)}
-    return {"sample_id": np.concatenate([e[1].numpy().astype(np.int64) for e in examples]),
-            "attack": np.concatenate([np.full(len(e[1]), e[0]) for e in examples]).astype(str),
-            "x": np.concatenate([e[2].numpy().astype(np.float32) for e in examples])}
-
-
-def _save_npz(path: Path, arrays: dict[str, np.ndarray], compressed: bool = False) -> None:
-    def write(p: Path) -> None:
-        with open(p, "wb") as fh:
-            (np.savez_compressed if compressed else np.savez)(fh, **arrays)
-
-    atomic_write(path, write)
-
-
-def _read_examples(path: Path) -> dict[str, np.ndarray] | None:
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in ("sample_id", "attack", "x")}
-    except Exception:  # damaged: recompute the batch
-        return None
+    def samples(self) -> pd.DataFrame:
+        return self.run.samples()
 
 
 def run_evaluation(cfg: dict[str, Any], overrides: list[str] | None = None, log=print,
-                   manifest_extra: dict[str, Any] | None = None, hooks: RunHooks | None = None) -> dict[str, Any]:
+                   manifest_extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Plan, build the defense, check the contract, run (or resume, or skip) and finish a run.
 
-    `manifest_extra` adds provenance fields (e.g. `submission: true` and the bundle's card);
-    `hooks` are the submission's changes (see `RunHooks`).
+    `manifest_extra` adds provenance fields (e.g. `submission: true` and the bundle's card).
     """
-    hooks = hooks or RunHooks()
-    plan = plan_evaluation(cfg)
+    out = execute(cfg, overrides, log, manifest_extra)
+    return {**out.summary, "run_dir": None if out.run.path is None else str(out.run.path), "skipped": out.skipped}
+
+
+@contextmanager
+def _cache_dir(cfg: dict[str, Any]) -> Iterator[Path]:
+    """<work_dir>/cache, or a temporary directory removed afterwards when the run is in memory."""
+    work_dir = cfg.get("work_dir", "arena-work")
+    if work_dir is not None:
+        yield Path(str(work_dir)) / "cache"
+        return
+    with tempfile.TemporaryDirectory(prefix="arena-cache-") as tmp:
+        yield Path(tmp)
+
+
+class _Prepared:
+    """The defended classifier, prepared attacks and manifest, made on first need (a finished run
+    whose adversarial examples are all on disk needs none of it)."""
+
+    def __init__(self, plan: EvalPlan, cfg: dict[str, Any], cache_dir: Path, log: Callable[[str], None],
+                 classifier: Classifier | None, overrides: list[str] | None, manifest_extra: dict[str, Any] | None,
+                 write_manifest: bool) -> None:
+        self.plan, self.cfg, self.cache_dir, self.log = plan, cfg, cache_dir, log
+        self.clf, self.overrides, self.manifest_extra, self.write_manifest = classifier, overrides, manifest_extra, write_manifest
+        self.ready = False
+        self.prep: dict[str, Any] = {}
+        self.defense_info: dict[str, Any] = {}
+        self.start = time.perf_counter()
+
+    def get(self) -> Classifier:
+        if self.ready:
+            assert self.clf is not None
+            return self.clf
+        plan, cfg = self.plan, self.cfg
+        progress = bool(cfg.get("progress", True))
+        if self.clf is not None and not isinstance(self.clf, Classifier):
+            self.clf = self.clf()  # a factory: e.g. a sandboxed submission's worker, started only when needed
+        if self.clf is None:
+            defense = build_defense(dict(cfg.get("defense") or {}), plan.threat)
+            torch.manual_seed(plan.seed)  # model initialisation inside build(): a rerun (resume) builds the same model
+            self.clf = defense.build(BuildContext(data=plan.data, model_cfg=dict(cfg.get("model") or {}), device=plan.device,
+                                                  seed=plan.seed, cache_dir=self.cache_dir, progress=progress,
+                                                  threat=plan.threat, log=lambda line: self.log(f"[arena] {line}")))
+        clf = self.clf.to(plan.device)
+        check_classifier(clf, to_unit(plan.x[: min(8, plan.x.shape[0])], plan.device))
+        model_key = module_hash(clf.module)
+        self.start = time.perf_counter()
+        for slot in plan.slots:
+            facts = slot.attack.prepare(PrepareContext(
+                classifier=clf, train_x=plan.data.train_x, train_y=plan.data.train_y, eval_x=plan.x,
+                cache_dir=self.cache_dir, device=plan.device, seed=plan.seed, model_key=model_key, progress=progress))
+            if facts:
+                self.prep[slot.label] = facts
+        self.defense_info = {**clf.info, "randomized": clf.randomized, "ensemble": clf.ensemble is not None}
+        if self.write_manifest:
+            plan.run.write_manifest({
+                **base_manifest(plan.semantic, plan.seed),
+                "overrides": list(self.overrides or []),
+                "device": str(plan.device),
+                "model_hash": model_key,
+                "defense_info": self.defense_info,
+                "sample_ids_hash": tensor_hash(plan.ids),
+                "prepare": self.prep,  # e.g. LAFEAT head facts: data source, agreement, training passes
+                "attacks": {s.label: {"class": type(s.attack).__name__, "params": s.attack.describe(), "view": s.view}
+                            for s in plan.slots},
+                **plan.extra,
+                **(self.manifest_extra or {}),
+            })
+        self.ready = True
+        return clf
+
+
+def _same_verdicts(stored: pd.DataFrame, fresh: pd.DataFrame) -> bool:
+    cols = ["sample_id", "attack", "ran", "correct_draws", "success"]
+    return stored[cols].reset_index(drop=True).equals(fresh[cols].reset_index(drop=True))
+
+
+Finalize = Callable[[pd.DataFrame, list[adv.Candidates]], tuple[pd.DataFrame, dict[str, Any]]]
+
+
+def execute(cfg: dict[str, Any], overrides: list[str] | None = None, log: Callable[[str], None] = print,
+            manifest_extra: dict[str, Any] | None = None, *, data: DatasetSplits | None = None,
+            classifier: Classifier | Callable[[], Classifier] | None = None, keep_adversarial: bool | None = None,
+            before_batch: Callable[[int], None] | None = None, finalize: Finalize | None = None) -> Outcome:
+    """`run_evaluation` with its options: `data` and `classifier` replace the configured dataset and
+    defense (`classifier` may be a function that builds it, called only if a batch must be computed);
+    `keep_adversarial` (default: the config's `save_adv`) keeps the verified examples.
+
+    For `arena submit`: `before_batch(b)` runs before batch b is computed (the statelessness audit
+    groups requests by batch), and `finalize(records, candidates)` runs before the run is finished
+    and returns the records to store plus summary fields (fresh-process verdicts replace the
+    attack-time ones there, so a run is never marked done with verdicts the board must not use)."""
+    plan = plan_evaluation(cfg, data=data, check_defense=classifier is None)
     run = plan.run
-    if run.is_done():
+    for note in plan.notes:
+        log(f"[arena] note: {note}")
+    keep = bool(cfg.get("save_adv", False)) if keep_adversarial is None else bool(keep_adversarial)
+    done = run.is_done()
+    if done and not keep:
         log(f"[arena] run {run.key} already complete; skipping ({run.path})")
-        summary = run.read_json("summary.json") or {}
-        return {**summary, "run_dir": str(run.path), "skipped": True}
-    cache_dir = Path(str(cfg.get("work_dir", "arena-work"))) / "cache"
+        return Outcome(run.read_json("summary.json") or {}, run, skipped=True)
     progress = bool(cfg.get("progress", True))
-    if hooks.classifier is not None:
-        clf = hooks.classifier() if callable(hooks.classifier) else hooks.classifier
-    else:
-        defense = build_defense(dict(cfg.get("defense") or {}))
-        torch.manual_seed(plan.seed)  # model initialisation inside build(): a rerun (resume) builds the same model
-        clf = defense.build(BuildContext(data=plan.data, model_cfg=dict(cfg.get("model") or {}), device=plan.device,
-                                         seed=plan.seed, cache_dir=cache_dir, progress=progress)).to(plan.device)
-    check_classifier(clf, to_unit(plan.x[: min(8, plan.x.shape[0])], plan.device))
-    model_key = module_hash(clf.module)
-    start = time.perf_counter()
-    prep: dict[str, Any] = {}
-    for slot in plan.slots:
-        facts = slot.attack.prepare(PrepareContext(
-            classifier=clf, train_x=plan.data.train_x, train_y=plan.data.train_y, eval_x=plan.x,
-            cache_dir=cache_dir, device=plan.device, seed=plan.seed, model_key=model_key, progress=progress))
-        if facts:
-            prep[slot.label] = facts
-    manifest = {
-        **base_manifest(plan.semantic, plan.seed),
-        "overrides": list(overrides or []),
-        "device": str(plan.device),
-        "model_hash": model_key,
-        "defense_info": {**clf.info, "randomized": clf.randomized, "ensemble": clf.ensemble is not None},
-        "sample_ids_hash": tensor_hash(plan.ids),
-        "prepare": prep,  # e.g. LAFEAT head facts: data source, agreement, training passes
-        "attacks": {s.label: {"class": type(s.attack).__name__, "params": s.attack.describe(), "view": s.view} for s in plan.slots},
-        **plan.extra,
-        **(manifest_extra or {}),
-    }
-    run.write_manifest(manifest)
     n = plan.x.shape[0]
-    batches, examples = [], []
     n_batches = (n + plan.batch_size - 1) // plan.batch_size
-    with progress_bar(n_batches, desc=f"eval {plan.suite_name}", enabled=progress) as bar:
-        for b in range(n_batches):
-            sl = slice(b * plan.batch_size, (b + 1) * plan.batch_size)
-            records = run.read_batch(b)
-            kept = _read_examples(_adv_path(run, b)) if hooks.keep_adversarial else None
-            if records is None or (hooks.keep_adversarial and kept is None):
-                if hooks.before_batch is not None:
-                    hooks.before_batch(b)
-                first = int(plan.extra.get("first_batch", 0))  # global batch index: a shard seeds as the whole run
-                out: list[tuple[str, torch.Tensor, torch.Tensor]] | None = [] if hooks.keep_adversarial else None
-                records = evaluate_batch(plan, clf, first + b, plan.ids[sl], plan.x[sl], plan.y[sl], adv_out=out)
-                if out is not None:
-                    kept = _pack_examples(out, tuple(plan.x.shape[1:]))
-                    _save_npz(_adv_path(run, b), kept)
-                run.write_batch(b, records)
-            batches.append(records)
-            if kept is not None:
-                examples.append(kept)
-            bar.advance()
-    samples = pd.concat(batches, ignore_index=True)
-    extra: dict[str, Any] = {}
-    if hooks.keep_adversarial:
-        adv = {k: np.concatenate([e[k] for e in examples]) for k in ("sample_id", "attack", "x")}
-        _save_npz(run.path / ADVERSARIAL, adv, compressed=True)
-        if hooks.finalize is not None:
-            samples, extra = hooks.finalize(samples, adv)
-    summary = {**summarize(samples, plan, manifest["defense_info"], prep, time.perf_counter() - start), **extra}
-    run.finish(samples, summary)
-    return {**summary, "run_dir": str(run.path), "skipped": False}
+    first = int(plan.extra.get("first_batch", 0))  # global batch index: a shard seeds as the whole run
+    batches: list[pd.DataFrame] = []
+    cands: list[adv.Candidates] = []
+    with _cache_dir(cfg) as cache_dir:
+        state = _Prepared(plan, cfg, cache_dir, log, classifier, overrides, manifest_extra, write_manifest=not done)
+        if not done:
+            state.get()
+        elif keep:
+            log(f"[arena] run {run.key} already complete; reading its adversarial examples ({run.path})")
+        if run.path is not None and not done:
+            finished = sum(run.batch_path(b).is_file() for b in range(n_batches))
+            if finished:
+                progress_ui.say(f"resuming run {run.key[:6]}…: {finished} of {n_batches} batches done ({run.path})", progress)
+            again = f"`{manifest_extra['submit_command']}`" if (manifest_extra or {}).get("submit_command") else "the same command"
+            progress_ui.set_interrupt_hint(lambda: f"run {run.key[:6]}… keeps {len(batches)} of {n_batches} finished batches "
+                                                   f"({run.path}); run {again} again to resume")
+        title = f"eval {plan.suite_name}, {plan.threat.name}, n={n}, run {run.key[:6]}…"
+        from harness.results.metrics import stage_counts
+
+        with progress_ui.eval_progress([s.label for s in plan.slots], n, title, enabled=progress) as shown:
+            for b in range(n_batches):
+                sl = slice(b * plan.batch_size, (b + 1) * plan.batch_size)
+                records = run.read_batch(b)
+                cand = adv.Candidates.load(adv.batch_path(run.path, b)) if keep and run.path is not None else None
+                if records is None or (keep and cand is None):
+                    shown.batch(b, int(plan.ids[sl].shape[0]), n_batches)
+                    fresh_cand = adv.Candidates() if keep else None
+                    if before_batch is not None:
+                        before_batch(b)
+                    fresh = evaluate_batch(plan, state.get(), first + b, plan.ids[sl], plan.x[sl], plan.y[sl],
+                                           on_verified=fresh_cand.add if fresh_cand is not None else None)
+                    if records is None:
+                        run.write_batch(b, fresh)
+                        records = fresh
+                    elif not _same_verdicts(records, fresh):
+                        raise RuntimeError(f"batch {b} of run {run.key}, recomputed for its adversarial examples, differs "
+                                           f"from its stored records: the evaluation is not deterministic on {plan.device}")
+                    cand = fresh_cand
+                    if cand is not None and run.path is not None:
+                        cand.save(adv.batch_path(run.path, b))
+                else:
+                    shown.resumed(int(plan.ids[sl].shape[0]), stage_counts(records), n_batches)
+                batches.append(records)
+                if cand is not None:
+                    cands.append(cand)
+    if done:
+        summary = run.read_json("summary.json") or {}
+    else:
+        samples = pd.concat(batches, ignore_index=True)
+        extra: dict[str, Any] = {}
+        if finalize is not None:
+            samples, extra = finalize(samples, cands)
+        summary = {**summarize(samples, plan, state.defense_info, state.prep, time.perf_counter() - state.start), **extra}
+        run.finish(samples, summary)
+    progress_ui.set_interrupt_hint(None)
+    adversarial = adv.broken(cands, [s.label for s in plan.slots]) if keep else None
+    if adversarial is not None and run.path is not None:
+        adv.save(run.path, adversarial)
+    return Outcome(summary, run, skipped=done, candidates=cands if keep else None, adversarial=adversarial)

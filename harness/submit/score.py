@@ -49,6 +49,7 @@ from typing import Any, Callable
 import torch
 
 from harness.core.errors import UserError
+from harness.core.formats import pct
 from harness.core.hashing import file_sha256
 from harness.submit.bundle import CARD_NAME, Bundle, load_bundle, stage_bundle, verify_checksum, write_template
 from harness.submit.remote import Session, Worker, open_session
@@ -86,7 +87,7 @@ class SubmitOptions:
     batch_size: int = 250
     check_only: bool = False
     board: bool = True
-    progress: bool = False
+    progress: bool = True  # bars on a terminal, one line per stage in logs (harness.core.progress)
     isolation: str = "auto"  # auto (bubblewrap if usable, else the labelled fallback) | full | reduced
     sandbox: SandboxLimits = field(default_factory=SandboxLimits)
     audit_per_batch: int = 2  # requests of each evaluation batch replayed in fresh workers (0: no audit)
@@ -211,7 +212,7 @@ def compose(bundle: Bundle, opts: SubmitOptions, suite: str, seed: int) -> tuple
     cfg = compose_config(["defense=checkpoint", f"suite={suite}", f"dataset={ds['name']}",
                           f"threat={threat['norm'].lower()}"])
     cfg["dataset"] = {**cfg.get("dataset", {}), **ds}
-    if ds["name"] != "npz":
+    if "download" in cfg["dataset"]:
         cfg["dataset"]["download"] = False  # a card can never make the harness fetch anything
     cfg["defense"] = {**cfg["defense"], "model_file": str(bundle.model_file), "weights": str(bundle.weights_file),
                       "randomized": bool(bundle.card["randomized"]), "label": bundle.card["name"]}
@@ -364,8 +365,6 @@ def submit(bundle_path: Path | str, opts: SubmitOptions | None = None, log: Call
 
 def _submit(bundle_path: Path, opts: SubmitOptions, isolation: Isolation, staged: Path,
             log: Callable[[str], None]) -> SubmissionResult:
-    import attacks  # noqa: F401  (registers attacks)
-    import defenses  # noqa: F401  (registers defenses)
     from harness.core.threat import ThreatModel
     from harness.data.training import to_unit
     from harness.evasion import board as leaderboard
@@ -436,7 +435,8 @@ def _submit(bundle_path: Path, opts: SubmitOptions, isolation: Isolation, staged
         surrogate, why = build_surrogate(data, health_cfg, device, seed, cache_dir, progress=opts.progress)
         nh = min(health_cfg.n_samples, int(x_u8.shape[0]))
         reports = _stage("contract", lambda: run_health(session.classifier, to_unit(x_u8[:nh], device), y[:nh].to(device),
-                                                        ids[:nh], threats, health_cfg, seed, surrogate, why))
+                                                        ids[:nh], threats, health_cfg, seed, surrogate, why,
+                                                        progress=opts.progress))
         _stage("contract", lambda: _worker_model_checks(session, reports, to_unit(x_u8[:nh], device)))
         log(f"  ok  health report: {len(reports)} threat model(s), {sum(r.wall_s for r in reports.values()):.0f} s")
     finally:
@@ -479,8 +479,8 @@ def _submit(bundle_path: Path, opts: SubmitOptions, isolation: Isolation, staged
         result.runs.append(summary)
         result.health[threat.name] = report
         log(format_report(report))
-        log(f"  scored {threat.name} with {suite}: clean {100 * summary['clean_acc']:.2f}%, robust "
-            f"{100 * summary['robust_acc']:.2f}% (n={summary['n_samples']}, seed {seed}; fresh verdicts, isolation "
+        log(f"  scored {threat.name} with {suite}: clean {pct(summary['clean_acc'])}, robust "
+            f"{pct(summary['robust_acc'])} (n={summary['n_samples']}, seed {seed}; fresh verdicts, isolation "
             f"{isolation.level}); run {summary['run_dir']}")
     if opts.board:
         out = Path(opts.work_dir) / "leaderboard" / "evasion.csv"
@@ -531,13 +531,13 @@ def _score_threat(cfg_t: dict[str, Any], ov_t: list[str], provenance: dict[str, 
                   device: torch.device, draws: int, randomized: bool, isolation: Isolation, seed: int) -> tuple[dict[str, Any], Any]:
     """One threat model: the suite against a fresh attack worker, the audit, fresh verdicts, the finished run."""
     from harness.evasion.plan import plan_evaluation
-    from harness.evasion.run import RunHooks, run_evaluation
+    from harness.evasion.run import execute
     from harness.submit.audit import Reservoir, replay
     from harness.submit.rejudge import rejudge, stateful_check
 
     cfg_t = {**cfg_t, "submission": {"isolation": isolation.level, "mechanism": isolation.mechanism, "verdicts": VERDICTS,
                                      "audit_per_batch": int(opts.audit_per_batch)}}
-    run_dir = plan_evaluation(cfg_t).run
+    run_dir = plan_evaluation(cfg_t, check_defense=False).run
     was_done = run_dir.is_done()
     reservoir = Reservoir(opts.audit_per_batch)
     holder: dict[str, Any] = {}
@@ -548,7 +548,7 @@ def _score_threat(cfg_t: dict[str, Any], ov_t: list[str], provenance: dict[str, 
         holder["session"] = session
         return session.classifier
 
-    def finalize(samples: Any, adv: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    def finalize(samples: Any, candidates: list[Any]) -> tuple[Any, dict[str, Any]]:
         session = holder.pop("session", None)
         if session is not None:
             holder["attack_stats"] = vars(session.worker.stats).copy()
@@ -560,16 +560,18 @@ def _score_threat(cfg_t: dict[str, Any], ov_t: list[str], provenance: dict[str, 
                             f"worker were answered differently (e.g. evaluation batch {m['batch']}, {m['what']} of "
                             f"{m['rows']} of {m['inputs']} inputs); a model's answer must depend only on its input and "
                             f"seed, never on what it was shown before")
-        rej = rejudge(samples, adv, clean_inputs, labels, fresh, draws=draws, randomized=randomized,
-                      batch_size=int(opts.batch_size), seed=seed, device=device)
+        rej = rejudge(samples, examples_of_candidates(candidates), clean_inputs, labels, fresh, draws=draws,
+                      randomized=randomized, batch_size=int(opts.batch_size), seed=seed, device=device)
+        fresh_successes(candidates, rej.records)  # adversarial.npz then lists what the fresh verdicts broke
         check = stateful_check(rej.facts, audit.as_dict(), health_cfg)
         holder["check"] = check
         return rej.records, {"stateful_model": check.status == "fail", "verdicts": rej.facts, "audit": audit.as_dict(),
                              "isolation": isolation.level, "attack_worker": holder.get("attack_stats", {})}
 
-    hooks = RunHooks(classifier=attack_classifier, keep_adversarial=True, before_batch=reservoir.begin, finalize=finalize)
     try:
-        summary = run_evaluation(cfg_t, overrides=ov_t, log=lambda *a: None, manifest_extra=provenance, hooks=hooks)
+        out = execute(cfg_t, overrides=ov_t, log=lambda *a: None, manifest_extra=provenance, classifier=attack_classifier,
+                      keep_adversarial=True, before_batch=reservoir.begin, finalize=finalize)
+        summary = {**out.summary, "run_dir": str(out.run.path), "skipped": out.skipped}
     except UserError as exc:
         if not was_done and not run_dir.is_done():  # a rejected submission leaves no half-written run
             shutil.rmtree(run_dir.path, ignore_errors=True)
@@ -584,6 +586,29 @@ def _score_threat(cfg_t: dict[str, Any], ov_t: list[str], provenance: dict[str, 
     if check is None:  # the run was already complete: rebuild the check from its summary
         check = stateful_check(summary.get("verdicts") or _no_verdicts(randomized), summary.get("audit"), health_cfg)
     return summary, check
+
+
+def examples_of_candidates(candidates: list[Any]) -> dict[str, Any]:
+    """Every verified candidate of the run (harness.evasion.adversarial.Candidates) as flat arrays."""
+    import numpy as np
+
+    ids = [i for c in candidates for i in c.ids]
+    if not ids:
+        return {"sample_id": np.zeros(0, np.int64), "attack": np.zeros(0, str), "x": np.zeros((0, 1, 1, 1), np.float32)}
+    return {"sample_id": np.concatenate(ids),
+            "attack": np.concatenate([np.full(len(i), label) for c in candidates for label, i in zip(c.labels, c.ids)]),
+            "x": np.concatenate([x for c in candidates for x in c.x_adv]).astype(np.float32)}
+
+
+def fresh_successes(candidates: list[Any], records: Any) -> None:
+    """Replace each candidate's attack-time success by the fresh verdict's (in place)."""
+    import numpy as np
+
+    rows = records[records["attack"] != "clean"]
+    fresh = {(int(s), str(a)): bool(v) for s, a, v in zip(rows["sample_id"], rows["attack"], rows["success"])}
+    for c in candidates:
+        for i, (label, ids) in enumerate(zip(c.labels, c.ids)):
+            c.success[i] = np.array([fresh.get((int(s), label), False) for s in ids], dtype=bool)
 
 
 def _no_verdicts(randomized: bool) -> dict[str, Any]:
@@ -651,7 +676,8 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"attack requests per evaluation batch replayed in fresh workers, 0..{MAX_AUDIT} (default 2)")
     p.add_argument("--check-only", action="store_true", help="run the acceptance checks only (no health report, no attacks)")
     p.add_argument("--no-board", action="store_true", help="do not rebuild the leaderboard CSV")
-    p.add_argument("--progress", action="store_true", help="show progress bars")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="progress: bars on a terminal, one line per stage in logs (default on)")
     args = p.parse_args(argv)
     if args.template:
         for path in write_template(args.template):

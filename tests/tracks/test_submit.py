@@ -5,16 +5,12 @@ small CNN trained here on mnist5k (a few seconds), written next to each card wit
 Verdicts: clean (accepted, not flagged), masked by input quantisation (accepted, flagged),
 probabilities (rejected), randomised but declared deterministic (rejected), stale checksum
 (rejected). The ../shared CIFAR-10 ResNet-2B submitted as a bundle gets clean accuracy 70.3 %.
-
-Hostile bundles (a submitter trying to choose their score; the model's code only ever runs in a
-sandboxed worker): `hostile_import` (file, network and process access at import: all fail, scored
-as clean), `forging` (replaces the harness's verdict functions at import: changes nothing),
-`caching` (remembers clean inputs and answers from memory: rejected by the audit, or scored at its
-honest number by fresh-process verdicts), data-spoofing cards, links out of the bundle, bad flags.
-Their model.py is never imported by the tests either: weights come from the clean architecture.
+Every bundle's code runs in a sandboxed worker (harness/submit/sandbox.py); hostile bundles are in
+tests/tracks/test_submit_hostile.py and the worker itself is attacked in tests/tracks/test_sandbox.py.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -29,16 +25,53 @@ from harness.core.errors import UserError
 from harness.core.hashing import file_sha256
 from harness.submit.score import Rejection, SubmitOptions, submit
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+from helpers import BUNDLES, SHARED, trained_small_cnn
 SMOKE = "submission_smoke"
 
 
-from conftest import BUNDLES, import_model_file as _import  # noqa: E402  (bundle fixtures: trained, make_bundle)
+def _import(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
-def trained(submit_cnn):
-    return submit_cnn
+def trained(tmp_path_factory) -> tuple[dict[str, torch.Tensor], float]:
+    """A small CNN trained on the mnist5k training split: (state dict, test accuracy)."""
+    from harness.data.datasets import load_dataset
+    from harness.data.training import accuracy
+
+    data = load_dataset({"name": "mnist5k"})
+    net = trained_small_cnn(data, epochs=3)
+    acc = accuracy(net, data.test_x, data.test_y, device=torch.device("cpu"))
+    assert acc > 0.75, f"the test CNN trained badly ({acc:.3f}); the verdicts below would mean little"
+    return net.state_dict(), acc
+
+
+@pytest.fixture(scope="module")
+def make_bundle(tmp_path_factory, trained):
+    """Copy a bundle from tests/bundles into a temp dir, write its trained weights and fill in the card."""
+    root = tmp_path_factory.mktemp("bundles")
+    state, acc = trained
+
+    def make(example: str, **card_changes) -> Path:
+        dst = root / f"{example}-{len(list(root.iterdir()))}"
+        shutil.copytree(BUNDLES / example, dst)
+        if not (dst / "model.py").exists():  # a bundle that differs from `clean` only in its card
+            shutil.copy(BUNDLES / "clean" / "model.py", dst / "model.py")
+        module = _import(dst / "model.py", f"bundle_{dst.name.replace('-', '_')}").create()
+        for part in getattr(module, "members", None) or [module.net]:
+            part.load_state_dict(state)
+        torch.save(module.state_dict(), dst / "weights.pt")
+        text = (dst / "defense.yaml").read_text()
+        text = text.replace("FILLED_IN_BY_THE_TEST", file_sha256(dst / "weights.pt")).replace("CLEAN_ACCURACY", f"{100 * acc:.1f}")
+        card = yaml.safe_load(text)
+        card.update(card_changes)
+        (dst / "defense.yaml").write_text(yaml.safe_dump(card, sort_keys=False))
+        return dst
+
+    return make
 
 
 @pytest.fixture(scope="module")

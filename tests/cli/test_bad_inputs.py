@@ -1,7 +1,7 @@
 """The bad-input corpus: malformed configs, overrides, data files, checkpoints, model files, bundles
 and leaderboard files, each answered with exactly the expected one-line message and exit status 2,
 and nothing written to the work dir. Table-driven: one row per input, `{tmp}` stands for the
-test's directory. (`tests/test_core_bad_input.py` checks the core ones by substring; this table
+test's directory. (`tests/cli/test_bad_input_core.py` checks the core ones by substring; this table
 pins whole messages, so a reworded or multi-line message is a visible change.)"""
 from __future__ import annotations
 
@@ -114,7 +114,7 @@ CASES: list[tuple[str, Setup, str]] = [
     ("unknown launcher", ev("-m", "+launcher=kubernetes"),
      E + "unknown launcher 'kubernetes'; choose one of: joblib, local, ray, slurm, submitit_local"),
     ("unknown device", ev("device=tpu"), E + "device='tpu' is not a device; use auto, cpu or cuda[:N]"),
-    ("unknown optimizer", ev("defense.train.optimizer=rmsprop"), E + "train.optimizer='rmsprop' unknown; use one of: sgd, adam"),
+    ("unknown optimizer", ev("defense.train.optimizer=rmsprop"), E + "defense 'standard': train.optimizer='rmsprop' unknown; use one of: sgd, adam"),
     ("attack parameter out of range", ev("attack=pgd", "attack.steps=-5"),
      E + "pgd needs steps, restarts and eot >= 1 (got steps=-5, restarts=1, eot=1)"),
     ("empty suite", ev("suite.attacks=[]"), E + "the suite has no attacks; choose suite=quick|standard|... or attack=NAME"),

@@ -26,6 +26,8 @@ from harness.submit.bundle import CardError, parse_card_text
 from harness.submit.sandbox import SandboxLimits, detect_isolation
 from harness.submit.score import Rejection, SubmitOptions, submit
 
+from helpers import BUNDLES
+
 SMOKE = "submission_smoke"
 N = 60
 HEX64 = re.compile(r"\b[0-9a-f]{64}\b")
@@ -64,7 +66,7 @@ def test_yaml_aliases_are_refused():
 def test_an_infinite_eps_is_a_card_error():
     from harness.submit.bundle import validate_card
 
-    card = yaml.safe_load((Path(__file__).parent / "bundles" / "clean" / "defense.yaml").read_text()
+    card = yaml.safe_load((BUNDLES / "clean" / "defense.yaml").read_text()
                           .replace("FILLED_IN_BY_THE_TEST", "a" * 64).replace("CLEAN_ACCURACY", "90"))
     card["threat_models"] = [{"norm": "L2", "eps": float("inf")}]
     with pytest.raises(CardError) as exc:
@@ -78,11 +80,11 @@ def test_an_infinite_eps_is_a_card_error():
     ({"name": "cifar10", "root": "ROOT", "download": True}, "dataset.download"),
     ({"name": "mnist5k", "path": "easy.npz"}, "dataset.path"),
 ])
-def test_the_card_cannot_choose_label_or_download_the_data(make_bundle, tmp_path, capsys, dataset, field):
+def test_the_card_cannot_choose_label_or_download_the_data(submit_bundle, tmp_path, capsys, dataset, field):
     root = tmp_path / "would-be-download-root"
     if isinstance(dataset, dict) and dataset.get("root"):
         dataset = {**dataset, "root": str(root)}
-    bundle = make_bundle("clean", dataset=dataset)
+    bundle = submit_bundle("clean", dataset=dataset)
     (bundle / "easy.npz").write_bytes(b"")  # the file the card points at exists: it must not matter
     work = tmp_path / "work"
     rc, err = _cli([str(bundle), "--work-dir", str(work), "--seed", "0", "--device", "cpu", "--check-only"], capsys)
@@ -130,8 +132,8 @@ def _link_loop(bundle: Path, outside: Path) -> None:
 
 @pytest.mark.parametrize("trick", [_link_weights_outside, _link_model_outside, _link_card_outside, _link_folder, _fifo,
                                    _link_loop], ids=["weights", "model_file", "card", "folder", "fifo", "loop"])
-def test_links_out_of_the_bundle_and_special_files_are_refused(make_bundle, tmp_path, capsys, trick):
-    bundle = make_bundle("clean")
+def test_links_out_of_the_bundle_and_special_files_are_refused(submit_bundle, tmp_path, capsys, trick):
+    bundle = submit_bundle("clean")
     outside = tmp_path / "outside"
     outside.mkdir()
     trick(bundle, outside)
@@ -144,8 +146,8 @@ def test_links_out_of_the_bundle_and_special_files_are_refused(make_bundle, tmp_
     assert time.monotonic() - start < 30 and not work.exists() and _tree(outside) == before
 
 
-def test_a_link_that_stays_inside_the_bundle_is_fine(make_bundle, tmp_path):
-    bundle = make_bundle("clean")
+def test_a_link_that_stays_inside_the_bundle_is_fine(submit_bundle, tmp_path):
+    bundle = submit_bundle("clean")
     (bundle / "store").mkdir()
     (bundle / "weights.pt").rename(bundle / "store" / "real.pt")
     (bundle / "weights.pt").symlink_to(Path("store") / "real.pt")
@@ -163,8 +165,8 @@ def test_a_link_that_stays_inside_the_bundle_is_fine(make_bundle, tmp_path):
     ["--audit-per-batch", "99"], ["--sandbox", "load_s=-1"], ["--sandbox", "nonsense=3"], ["--sandbox", "load_s"],
     ["--data", "missing.npz"], ["--device", "tpu"], ["--suite", "nope"], ["--work-dir", "INSIDE"], ["--unknown-flag"],
 ], ids=lambda f: "_".join(f).strip("-"))
-def test_every_bad_flag_is_one_line_exit_2_and_writes_nothing(make_bundle, tmp_path, capsys, flags):
-    bundle = make_bundle("clean")
+def test_every_bad_flag_is_one_line_exit_2_and_writes_nothing(submit_bundle, tmp_path, capsys, flags):
+    bundle = submit_bundle("clean")
     before = _tree(bundle)
     work = tmp_path / "work"
     flags = [str(bundle / "w") if f == "INSIDE" else f for f in flags]
@@ -177,11 +179,11 @@ def test_every_bad_flag_is_one_line_exit_2_and_writes_nothing(make_bundle, tmp_p
     assert not work.exists() and _tree(bundle) == before and not (bundle / "w").exists()
 
 
-def test_submitted_code_is_never_imported_into_the_harness_process(make_bundle, tmp_path):
+def test_submitted_code_is_never_imported_into_the_harness_process(submit_bundle, tmp_path):
     import builtins
     import sys
 
-    bundle = make_bundle("clean")
+    bundle = submit_bundle("clean")
     (bundle / "model.py").write_text("import builtins\nbuiltins.ARENA_BUNDLE_RAN_HERE = True\n" + (bundle / "model.py").read_text())
     result = submit(bundle, SubmitOptions(work_dir=tmp_path / "w", suite=SMOKE, seed=0, device="cpu", check_only=True),
                     log=lambda s: None)
@@ -190,8 +192,8 @@ def test_submitted_code_is_never_imported_into_the_harness_process(make_bundle, 
     assert not [m for m in list(sys.modules.values()) if "arena-bundle-" in str(getattr(m, "__file__", "") or "")]
 
 
-def test_a_model_that_sleeps_at_import_is_rejected_by_the_loading_check(make_bundle, tmp_path):
-    bundle = make_bundle("clean")
+def test_a_model_that_sleeps_at_import_is_rejected_by_the_loading_check(submit_bundle, tmp_path):
+    bundle = submit_bundle("clean")
     (bundle / "model.py").write_text("import time\ntime.sleep(3600)\n" + (bundle / "model.py").read_text())
     start = time.monotonic()
     with pytest.raises(Rejection) as exc:
@@ -221,9 +223,9 @@ def _row(work: Path) -> pd.Series:
 
 
 @pytest.fixture(scope="module")
-def clean_reference(make_bundle, tmp_path_factory):
+def clean_reference(submit_bundle, tmp_path_factory):
     work = tmp_path_factory.mktemp("clean-reference")
-    result = _score(make_bundle("clean"), work)
+    result = _score(submit_bundle("clean"), work)
     return result, _records(result), _row(work)
 
 
@@ -264,12 +266,12 @@ class _Listener:
 
 @pytest.mark.slow
 def test_a_bundle_that_attacks_the_machine_at_import_changes_nothing_and_scores_as_clean(
-        make_bundle, tmp_path, monkeypatch, clean_reference, full_isolation):
+        submit_bundle, tmp_path, monkeypatch, clean_reference, full_isolation):
     outside = tmp_path / "outside"
     outside.mkdir()
     listener = _Listener()
     monkeypatch.setenv("ARENA_TEST_SECRET", "s3cret")
-    bundle = make_bundle("hostile_import", replace={"OUTSIDE_DIR": str(outside), "LISTENER_PORT": str(listener.port)})
+    bundle = submit_bundle("hostile_import", replace={"OUTSIDE_DIR": str(outside), "LISTENER_PORT": str(listener.port)})
     before = _tree(bundle)
     try:
         result = _score(bundle, tmp_path / "work")
@@ -283,27 +285,27 @@ def test_a_bundle_that_attacks_the_machine_at_import_changes_nothing_and_scores_
 
 
 @pytest.mark.slow
-def test_a_bundle_that_replaces_the_verdict_at_import_changes_nothing(make_bundle, tmp_path, clean_reference):
-    result = _score(make_bundle("forging"), tmp_path / "work")
+def test_a_bundle_that_replaces_the_verdict_at_import_changes_nothing(submit_bundle, tmp_path, clean_reference):
+    result = _score(submit_bundle("forging"), tmp_path / "work")
     pd.testing.assert_frame_equal(_records(result), clean_reference[1])
     row, ref = _row(tmp_path / "work"), clean_reference[2]
     assert (row["clean_acc"], row["robust_acc"], row["stateful_model"]) == (ref["clean_acc"], ref["robust_acc"], False)
 
 
 @pytest.mark.slow
-def test_a_model_that_answers_from_memory_is_rejected_by_the_audit(make_bundle, tmp_path):
+def test_a_model_that_answers_from_memory_is_rejected_by_the_audit(submit_bundle, tmp_path):
     work = tmp_path / "work"
     with pytest.raises(Rejection) as exc:
-        _score(make_bundle("caching"), work)
+        _score(submit_bundle("caching"), work)
     assert exc.value.check == "stateful_model" and "answered differently" in str(exc.value)
     assert not (work / "runs").exists() or not any((work / "runs").iterdir())
     assert not (work / "leaderboard").exists()
 
 
 @pytest.mark.slow
-def test_without_the_audit_fresh_verdicts_give_the_caching_model_its_honest_number(make_bundle, tmp_path, clean_reference):
+def test_without_the_audit_fresh_verdicts_give_the_caching_model_its_honest_number(submit_bundle, tmp_path, clean_reference):
     work = tmp_path / "work"
-    result = _score(make_bundle("caching"), work, audit_per_batch=0)
+    result = _score(submit_bundle("caching"), work, audit_per_batch=0)
     records = pd.read_parquet(Path(result.runs[0]["run_dir"]) / "samples.parquet")
     attacked = records[records["attack"] != "clean"]
     attack_time_robust = 1 - attacked.groupby("sample_id")["attack_success"].any().mean()
@@ -317,9 +319,9 @@ def test_without_the_audit_fresh_verdicts_give_the_caching_model_its_honest_numb
 
 
 @pytest.mark.slow
-def test_the_reduced_fallback_scores_the_same_and_says_so_on_the_row(make_bundle, tmp_path, clean_reference):
+def test_the_reduced_fallback_scores_the_same_and_says_so_on_the_row(submit_bundle, tmp_path, clean_reference):
     work = tmp_path / "work"
-    result = _score(make_bundle("clean"), work, isolation="reduced")
+    result = _score(submit_bundle("clean"), work, isolation="reduced")
     pd.testing.assert_frame_equal(_records(result), clean_reference[1])
     row = _row(work)
     assert row["isolation"] == "reduced" and clean_reference[2]["isolation"] == detect_isolation("auto").level
@@ -328,9 +330,9 @@ def test_the_reduced_fallback_scores_the_same_and_says_so_on_the_row(make_bundle
 
 
 @pytest.mark.slow
-def test_a_model_that_stalls_mid_attack_is_rejected_and_leaves_no_run(make_bundle, tmp_path):
+def test_a_model_that_stalls_mid_attack_is_rejected_and_leaves_no_run(submit_bundle, tmp_path):
     """It passes every check (small batches), then hangs on the suite's first large gradient batch."""
-    bundle = make_bundle("clean")
+    bundle = submit_bundle("clean")
     text = (bundle / "model.py").read_text().replace(
         "        return self.net(x)",
         "        if torch.is_grad_enabled() and x.shape[0] > 40:\n            import time\n            time.sleep(3600)\n"

@@ -21,7 +21,7 @@ from harness.data.models import SmallCNN
 from harness.submit.remote import RemoteError, Worker, WorkerError, open_session
 from harness.submit.sandbox import SandboxLimits, detect_isolation
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO  # noqa: E402
 NET = '''
 import torch
 from torch import nn
