@@ -16,6 +16,8 @@ first N test images of ../shared/data. Alone on the machine (the lead's timing r
 
     OMP_NUM_THREADS=2 python bench/bench_submit.py --rounds 5 --n-lenet 100 --n-resnet 100 --suite submission
 
+(from a worktree without ../shared beside it: `ARENA_SHARED=/path/to/shared python bench/...`)
+
 Quick look (any time, labelled "measured under load" when the machine is busy):
 
     python bench/bench_submit.py --rounds 2 --n-lenet 16 --n-resnet 16 --suite submission_smoke
@@ -82,11 +84,12 @@ def in_process(cfg: dict[str, Any]) -> tuple[pd.DataFrame, float, float]:
 
 def through_worker(cfg: dict[str, Any], spec: dict[str, Any], bundle: Path, isolation: Any, audit: int) -> dict[str, Any]:
     from harness.data.datasets import load_dataset, select_eval
-    from harness.evasion.run import RunHooks, run_evaluation
+    from harness.evasion.run import execute
     from harness.submit.audit import Reservoir, replay
     from harness.submit.rejudge import rejudge
     from harness.submit.remote import open_session
     from harness.submit.sandbox import SandboxLimits
+    from harness.submit.score import examples_of_candidates
 
     data = load_dataset(dict(cfg["dataset"]))
     ids, x_u8, y = select_eval(data, cfg["n_samples"])
@@ -109,14 +112,14 @@ def through_worker(cfg: dict[str, Any], spec: dict[str, Any], bundle: Path, isol
         holder["session"].model.tap = reservoir
         return holder["session"].classifier
 
-    def capture(samples, adv):
+    def capture(samples, candidates):
         holder.pop("session").close()
-        captured["samples"], captured["adv"] = samples, adv
+        captured["samples"], captured["adv"] = samples, examples_of_candidates(candidates)
         return samples, {}
 
     cfg = {**cfg, "submission": {"isolation": isolation.level, "verdicts": "bench"}}
-    hooks = RunHooks(classifier=attack_classifier, keep_adversarial=True, before_batch=reservoir.begin, finalize=capture)
-    _, suite_wall, suite_cpu = timed(lambda: run_evaluation(cfg, log=lambda *a: None, hooks=hooks))
+    _, suite_wall, suite_cpu = timed(lambda: execute(cfg, log=lambda *a: None, classifier=attack_classifier,
+                                                     keep_adversarial=True, before_batch=reservoir.begin, finalize=capture))
     suite_cpu += sum(w.stats.cpu_s for w in workers)  # the attack worker's process tree
     suite_workers = len(workers)
 
@@ -195,7 +198,9 @@ def main() -> None:
                 b = results[name]["worker"][COLUMNS].sort_values(["sample_id", "attack"]).reset_index(drop=True)
                 exact = exact and a.equals(b)
             s = {k: stats(v) for k, v in rows.items()}
-            robust = 1 - results[name]["reference"].query("attack != 'clean'").groupby("sample_id")["success"].any().mean()
+            from harness.results.metrics import accuracies
+
+            robust = accuracies(results[name]["reference"])["robust_acc"]
             results[name] = {"spec": spec["label"], "n": n, "stats": s, "exact": exact, **facts,
                              "suite_ratio_wall": s["suite_wall"]["median"] / s["in_wall"]["median"],
                              "suite_ratio_cpu": s["suite_cpu"]["median"] / s["in_cpu"]["median"],
@@ -229,7 +234,7 @@ def main() -> None:
                      f"{fmt(s['suite_cpu'])} | {r['suite_ratio_wall']:.2f}x | {r['suite_ratio_cpu']:.2f}x | {fmt(s['verify_wall'])} | "
                      f"{fmt(s['verify_cpu'])} | {r['total_ratio_wall']:.2f}x | {r['total_ratio_cpu']:.2f}x | "
                      f"{'yes' if r['exact'] else 'NO'} |")
-    lines += ["", "Goal: suite ratio <= 1.3x on the CPU. Per model: robust accuracy (attack time) "
+    lines += ["", "Goal: suite ratio <= 1.3x on the CPU. Per model: robust accuracy "
               + ", ".join(f"{k} {100 * v['robust_attack_time']:.1f} %" for k, v in results.items())
               + "; audit replays and fresh-verdict judges per run: "
               + ", ".join(f"{k} {v.get('audit_replayed')} replays (passed: {v.get('audit_ok')}), {v.get('judges')} judges, "

@@ -267,7 +267,7 @@ def launch_spec(isolation: Isolation, bundle: Path, worker_args: list[str], limi
     preexec = _limit_setter(limits, device)
     if isolation.level == "full":
         paths = [ARENA_MOUNT, *site]
-        boot = [sys.executable, "-I", "-S", "-c", BOOT, os.pathsep.join(paths), BUNDLE_MOUNT, *worker_args]
+        boot = [sys.executable, "-I", "-S", "-B", "-c", BOOT, os.pathsep.join(paths), BUNDLE_MOUNT, *worker_args]
         env = worker_env(threads, "/scratch")
         argv = [*limit_prefix(limits, device, die_with_harness=False), *bwrap_args(bundle, device, int(limits.scratch_mb) or 512)]
         for k, v in env.items():
@@ -275,7 +275,7 @@ def launch_spec(isolation: Isolation, bundle: Path, worker_args: list[str], limi
         return LaunchSpec([*argv, *boot], {}, "/", preexec)
     scratch = Path(tempfile.mkdtemp(prefix="arena-worker-"))
     paths = [str(_harness_only_root(scratch)), *site]
-    boot = [sys.executable, "-I", "-S", "-c", BOOT, os.pathsep.join(paths), str(bundle), *worker_args]
+    boot = [sys.executable, "-I", "-S", "-B", "-c", BOOT, os.pathsep.join(paths), str(bundle), *worker_args]
     prefix = _unshare_probe() if isolation.network else []
     return LaunchSpec([*limit_prefix(limits, device, die_with_harness=True), *prefix, *boot],
                       worker_env(threads, str(scratch)), str(scratch), preexec, scratch)

@@ -408,7 +408,13 @@ def _submit(bundle_path: Path, opts: SubmitOptions, isolation: Isolation, staged
     log_dir = Path(opts.work_dir) / "workers" / f"{card['name']}-{seed}"
     info = {"model_file": card["model_file"], "weights_sha256": sha, "isolation": isolation.level}
 
+    staged_tree = tree_hashes(bundle.path)
+
     def fresh(role: str) -> Session:
+        if isolation.level != "full" and tree_hashes(bundle.path) != staged_tree:
+            # a reduced worker runs as the harness's user and could rewrite the staged copy for the next one
+            raise Rejection("suite", f"the staged copy of the bundle changed during scoring (before starting the {role} "
+                            f"worker): a worker wrote to it; this needs --isolation full")
         return open_session(bundle.path, card["model_file"], card["weights"]["file"], isolation=isolation,
                             limits=opts.sandbox, device=worker_device, num_classes=data.num_classes,
                             input_shape=tuple(data.input_shape), randomized=randomized, digest=digest, role=role,
@@ -490,6 +496,11 @@ def _submit(bundle_path: Path, opts: SubmitOptions, isolation: Isolation, staged
     log(f"accepted: {card['name']} ({'MASKING SUSPECTED' if result.masking_suspected else 'no masking suspected'}; "
         f"isolation {isolation.level}; {time.perf_counter() - started:.0f} s)")
     return result
+
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    """sha256 of every file under `root` (the staged bundle), keyed by relative path."""
+    return {str(p.relative_to(root)): file_sha256(p) for p in sorted(Path(root).rglob("*")) if p.is_file()}
 
 
 def _as_original(fn: Callable[[], Any], staged: Path, original: Path) -> Any:

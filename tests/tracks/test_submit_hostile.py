@@ -345,3 +345,17 @@ def test_a_model_that_stalls_mid_attack_is_rejected_and_leaves_no_run(submit_bun
     assert exc.value.check == "suite" and "within 5 s" in str(exc.value)
     assert not (work / "runs").exists() or not any((work / "runs").iterdir())
     assert time.monotonic() - start < 600
+
+
+@pytest.mark.slow
+def test_under_reduced_isolation_a_worker_that_rewrites_the_staged_bundle_is_caught(submit_bundle, tmp_path):
+    """Reduced isolation cannot stop a write to the staged copy; the next worker start notices it."""
+    bundle = submit_bundle("clean")
+    (bundle / "model.py").write_text(
+        "import os\nwith open(os.path.abspath(__file__), 'a') as _f:\n    _f.write('\\n# rewritten by the worker\\n')\n"
+        + (bundle / "model.py").read_text())
+    before = _tree(bundle)
+    with pytest.raises(Rejection) as exc:
+        _score(bundle, tmp_path / "work", isolation="reduced")
+    assert exc.value.check == "suite" and "staged copy of the bundle changed" in str(exc.value)
+    assert _tree(bundle) == before  # the submitted bundle itself is never touched
