@@ -25,7 +25,8 @@ COLUMNS = [
     "clean_acc", "robust_acc", "robust_acc_mean", "robust_acc_majority", "best_known_acc", "cascade",
     "forward_per_sample", "backward_per_sample", "queries_per_sample", "attack_time_s",
     "train_time_s", "train_passes", "params",
-    "randomized", "ensemble", "masking_suspected", "violations", "nonfinite_grad", "submission",
+    "randomized", "ensemble", "masking_suspected", "violations", "nonfinite_grad", "submission", "isolation",
+    "stateful_model", "data",
     "seed", "config_hash", "harness_version", "git", "finished", "command",
 ]
 
@@ -43,6 +44,22 @@ def defense_identity(manifest: dict[str, Any]) -> dict[str, Any]:
 def _command(manifest: dict[str, Any]) -> str:
     overrides = manifest.get("overrides") or []
     return "arena eval " + " ".join(overrides) if overrides else "arena eval"
+
+
+def isolation_of(manifest: dict[str, Any]) -> str:
+    """How the model ran: `full` / `reduced` (a sandboxed submission), `in-process` (harness code)."""
+    return str((manifest.get("isolation") or {}).get("level") or "in-process")
+
+
+def data_source(manifest: dict[str, Any]) -> str:
+    """A local npz's stem and content hash (the operator's --data, or dataset=npz), else ''."""
+    facts = (manifest.get("scoring") or {}).get("data")
+    if facts:
+        return f"{facts['stem']}:{str(facts['x_sha256'])[:16]}"
+    ds = (manifest.get("config") or {}).get("dataset") or {}
+    if ds.get("name") == "npz":
+        return f"npz:{ds.get('eval_data', '')}"  # the semantic config keeps the content hash, not the file name
+    return ""
 
 
 def _row(run: RunDir, manifest: dict[str, Any], summary: dict[str, Any], samples: pd.DataFrame,
@@ -83,6 +100,9 @@ def _row(run: RunDir, manifest: dict[str, Any], summary: dict[str, Any], samples
         "violations": int(acc["violations"]),
         "nonfinite_grad": int(acc.get("nonfinite_grad", 0)),  # samples whose attack saw non-finite gradients
         "submission": bool(manifest.get("submission", False)),
+        "isolation": isolation_of(manifest),
+        "stateful_model": bool(summary.get("stateful_model", False)),
+        "data": data_source(manifest),
         "seed": manifest.get("seed"),
         "config_hash": run.key,
         "harness_version": (manifest.get("versions") or {}).get("robustarena", __version__),

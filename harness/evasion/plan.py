@@ -177,6 +177,8 @@ def plan_evaluation(cfg: dict[str, Any], data: DatasetSplits | None = None, chec
         "seed": seed, "batch_size": batch_size, "evaluator": {"draws": draws, "cascade": cascade},
         "shard": shard,
     }
+    if cfg.get("submission"):  # how `arena submit` ran the model (isolation, re-judging): part of the run's identity
+        semantic["submission"] = dict(cfg["submission"])
     unsharded = {**semantic, "shard": None}
     work_dir = cfg.get("work_dir", "arena-work")
     run = MemoryRun.for_config(semantic) if work_dir is None else RunDir.for_config(Path(str(work_dir)), "runs", semantic)

@@ -120,6 +120,8 @@ class _Prepared:
             return self.clf
         plan, cfg = self.plan, self.cfg
         progress = bool(cfg.get("progress", True))
+        if self.clf is not None and not isinstance(self.clf, Classifier):
+            self.clf = self.clf()  # a factory: e.g. a sandboxed submission's worker, started only when needed
         if self.clf is None:
             defense = build_defense(dict(cfg.get("defense") or {}), plan.threat)
             torch.manual_seed(plan.seed)  # model initialisation inside build(): a rerun (resume) builds the same model
@@ -178,11 +180,21 @@ def _same_verdicts(stored: pd.DataFrame, fresh: pd.DataFrame) -> bool:
     return stored[cols].reset_index(drop=True).equals(fresh[cols].reset_index(drop=True))
 
 
+Finalize = Callable[[pd.DataFrame, list[adv.Candidates]], tuple[pd.DataFrame, dict[str, Any]]]
+
+
 def execute(cfg: dict[str, Any], overrides: list[str] | None = None, log: Callable[[str], None] = print,
             manifest_extra: dict[str, Any] | None = None, *, data: DatasetSplits | None = None,
-            classifier: Classifier | None = None, keep_adversarial: bool | None = None) -> Outcome:
+            classifier: Classifier | Callable[[], Classifier] | None = None, keep_adversarial: bool | None = None,
+            before_batch: Callable[[int], None] | None = None, finalize: Finalize | None = None) -> Outcome:
     """`run_evaluation` with its options: `data` and `classifier` replace the configured dataset and
-    defense; `keep_adversarial` (default: the config's `save_adv`) keeps the verified examples."""
+    defense (`classifier` may be a function that builds it, called only if a batch must be computed);
+    `keep_adversarial` (default: the config's `save_adv`) keeps the verified examples.
+
+    For `arena submit`: `before_batch(b)` runs before batch b is computed (the statelessness audit
+    groups requests by batch), and `finalize(records, candidates)` runs before the run is finished
+    and returns the records to store plus summary fields (fresh-process verdicts replace the
+    attack-time ones there, so a run is never marked done with verdicts the board must not use)."""
     plan = plan_evaluation(cfg, data=data, check_defense=classifier is None)
     run = plan.run
     for note in plan.notes:
@@ -222,6 +234,8 @@ def execute(cfg: dict[str, Any], overrides: list[str] | None = None, log: Callab
                 if records is None or (keep and cand is None):
                     shown.batch(b, int(plan.ids[sl].shape[0]), n_batches)
                     fresh_cand = adv.Candidates() if keep else None
+                    if before_batch is not None:
+                        before_batch(b)
                     clf = state.get()
                     fresh = evaluate_batch(plan, clf, first + b, plan.ids[sl], plan.x[sl], plan.y[sl],
                                            snapshot=state.snapshot,
@@ -249,7 +263,10 @@ def execute(cfg: dict[str, Any], overrides: list[str] | None = None, log: Callab
         if "nonfinite_grad" not in samples:  # batches resumed from before the column existed
             samples["nonfinite_grad"] = False
         samples["nonfinite_grad"] = [bool(v) if pd.notna(v) else False for v in samples["nonfinite_grad"]]
-        summary = summarize(samples, plan, state.defense_info, state.prep, time.perf_counter() - state.start)
+        extra: dict[str, Any] = {}
+        if finalize is not None:
+            samples, extra = finalize(samples, cands)
+        summary = {**summarize(samples, plan, state.defense_info, state.prep, time.perf_counter() - state.start), **extra}
         run.finish(samples, summary)
     progress_ui.set_interrupt_hint(None)
     adversarial = adv.broken(cands, [s.label for s in plan.slots]) if keep else None

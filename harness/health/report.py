@@ -27,7 +27,6 @@ fail_fraction * attacked)). Probe PGD uses the C&W margin loss (no softmax satur
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,6 +42,7 @@ from attacks.pgd import random_start
 from harness.core.atomic import atomic_write_json
 from harness.core.classifier import Classifier
 from harness.core.threat import ThreatModel
+from harness.health.tracing import AutogradTracer
 
 STATUSES = ("pass", "warn", "fail", "skip")
 REPORT_VERSION = 1
@@ -288,52 +288,7 @@ def check_probability_outputs(clf: Classifier, x: torch.Tensor) -> Check:
     return Check(2, "probability_outputs", "pass", f"outputs are logits{note}; {saturated}/{out.shape[0]} softmax-saturated", ev)
 
 
-class _AutogradTracer:
-    """Counts autograd engine runs and optimiser steps inside a block (AutoAttack's `check_dynamic`).
-
-    Two nets: a profile hook on the autograd engine entry point and on optimiser `step` (catches
-    every route, including names imported before the check), installed only when no other
-    profiler is active; and wrappers around `torch.autograd.grad` / `backward` and
-    `Tensor.backward`, which are always in place during the block.
-    """
-
-    def __init__(self) -> None:
-        self.calls: dict[str, int] = {}
-
-    def _count(self, label: str) -> None:
-        self.calls[label] = self.calls.get(label, 0) + 1
-
-    def _profile(self, frame: Any, event: str, arg: Any) -> None:
-        if event != "call":
-            return
-        name = frame.f_code.co_name
-        if name == "_engine_run_backward" or name == "step":
-            path = frame.f_code.co_filename.replace("\\", "/")
-            if name == "_engine_run_backward" and "/torch/autograd/" in path:
-                self._count("autograd engine")
-            elif name == "step" and "/torch/optim/" in path:
-                self._count("optimizer.step")
-
-    def _wrap(self, fn: Callable[..., Any], label: str) -> Callable[..., Any]:
-        def wrapped(*args: Any, **kwargs: Any) -> Any:
-            self._count(label)
-            return fn(*args, **kwargs)
-        return wrapped
-
-    def __enter__(self) -> "_AutogradTracer":
-        self._saved = (torch.autograd.grad, torch.autograd.backward, torch.Tensor.backward)
-        torch.autograd.grad = self._wrap(self._saved[0], "torch.autograd.grad")  # type: ignore[assignment]
-        torch.autograd.backward = self._wrap(self._saved[1], "torch.autograd.backward")  # type: ignore[assignment]
-        torch.Tensor.backward = self._wrap(self._saved[2], "Tensor.backward")  # type: ignore[method-assign]
-        self._profiling = sys.getprofile() is None
-        if self._profiling:
-            sys.setprofile(self._profile)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._profiling:
-            sys.setprofile(None)
-        torch.autograd.grad, torch.autograd.backward, torch.Tensor.backward = self._saved  # type: ignore[assignment]
+_AutogradTracer = AutogradTracer  # the tracer lives in harness.health.tracing (the model worker uses it too)
 
 
 def _state(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -352,14 +307,21 @@ def check_inference_optimisation(clf: Classifier, x: torch.Tensor) -> Check:
         with torch.no_grad():
             clf.module(x)
         clf.module(x.clone().requires_grad_(True))
-    changed = _changed(before, clf.module)
-    ev = {"autograd_calls_in_forward": tracer.calls, "state_changed_by_forward": changed[:MAX_IDS]}
-    if tracer.calls or changed:
-        what = ", ".join(f"{k} x{v}" for k, v in tracer.calls.items()) or "no autograd calls"
+    return inference_optimisation_check(tracer.calls, _changed(before, clf.module))
+
+
+def inference_optimisation_check(calls: dict[str, int], changed: list[str], source: str = "") -> Check:
+    """Check 3 from what was observed (here, or by a sandboxed worker: `source` says so)."""
+    ev = {"autograd_calls_in_forward": calls, "state_changed_by_forward": changed[:MAX_IDS]}
+    note = f" ({source})" if source else ""
+    if source:
+        ev["source"] = source
+    if calls or changed:
+        what = ", ".join(f"{k} x{v}" for k, v in calls.items()) or "no autograd calls"
         return Check(3, "inference_time_optimisation", "fail",
                      f"the forward pass runs optimisation ({what}; {len(changed)} state tensors changed): a dynamic defense, "
-                     f"attack it adaptively (BPDA/EOT)", ev)
-    return Check(3, "inference_time_optimisation", "pass", "no backward pass, optimiser step or state change inside forward", ev)
+                     f"attack it adaptively (BPDA/EOT){note}", ev)
+    return Check(3, "inference_time_optimisation", "pass", f"no backward pass, optimiser step or state change inside forward{note}", ev)
 
 
 def check_gradients(clf: Classifier, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, cfg: HealthConfig) -> Check:
@@ -390,12 +352,19 @@ def check_gradients(clf: Classifier, x: torch.Tensor, y: torch.Tensor, ids: torc
 def check_model_mode(clf: Classifier, before: dict[str, torch.Tensor]) -> Check:
     """Every module in eval mode, and parameters/buffers (BN statistics) unchanged by the probes."""
     training = [name or "(root)" for name, m in clf.module.named_modules() if m.training]
-    changed = _changed(before, clf.module)
+    return model_mode_check(training, _changed(before, clf.module))
+
+
+def model_mode_check(training: list[str], changed: list[str], source: str = "") -> Check:
+    """Check 19 from what was observed (here, or by a sandboxed worker: `source` says so)."""
     ev = {"modules_in_training_mode": training[:MAX_IDS], "state_changed_by_probes": changed[:MAX_IDS]}
+    note = f" ({source})" if source else ""
+    if source:
+        ev["source"] = source
     if training or changed:
         return Check(19, "model_mode", "fail", f"{len(training)} modules in training mode, {len(changed)} state tensors "
-                     f"changed during the probes (BN statistics or weights adapt at test time)", ev)
-    return Check(19, "model_mode", "pass", "eval mode throughout; parameters and buffers unchanged by the probes", ev)
+                     f"changed during the probes (BN statistics or weights adapt at test time){note}", ev)
+    return Check(19, "model_mode", "pass", f"eval mode throughout; parameters and buffers unchanged by the probes{note}", ev)
 
 
 def model_checks(clf: Classifier, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, cfg: HealthConfig) -> list[Check]:

@@ -10,10 +10,20 @@ A bundle is a directory with
 
 Errors name the field by its path in the card (`threat_models[1].eps`), say what was found and
 what is expected, so a rejected submitter can fix the card without reading this module.
+
+The card describes the model, never the evaluation: it names a dataset from the known list and
+nothing else (no file, root, download switch or label: a local .npz is the operator's `--data`),
+and unknown or duplicate keys are errors that list the known ones. A bundle is read once, by
+`stage_bundle`, into a private copy that everything else uses (hashes, the sandboxed worker): no
+symbolic link may point outside the bundle, special files are refused, sizes are bounded, and a
+file changed after the checks cannot reach the worker.
 """
 from __future__ import annotations
 
+import math
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -30,7 +40,10 @@ SLUG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 NORMS = ("Linf", "L2")
 AGGREGATIONS = ("softmax", "logits", "voting")
-DATASETS = ("mnist5k", "digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "svhn", "npz")
+DATASETS = ("mnist5k", "digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "svhn")
+MAX_CARD_BYTES = 64 * 1024
+MAX_BUNDLE_BYTES = 8 * 1024**3
+MAX_BUNDLE_FILES = 10_000
 
 
 class CardError(UserError):
@@ -106,8 +119,8 @@ def _eps(path: str, v: Any) -> float:
             value = float(Fraction(v.strip()))
         except (ValueError, ZeroDivisionError):
             value = None
-    if value is None or not value > 0:
-        raise CardError(path, f"must be a positive number or a fraction such as \"8/255\" (got {v!r})")
+    if value is None or not value > 0 or not math.isfinite(value):
+        raise CardError(path, f"must be a positive finite number or a fraction such as \"8/255\" (got {v!r})")
     return value
 
 
@@ -134,16 +147,19 @@ def _threat_models(path: str, v: Any) -> list[dict[str, Any]]:
 
 
 def _dataset(path: str, v: Any) -> dict[str, Any]:
-    """A dataset name (`mnist5k`) or a mapping {name: ..., params}; `npz` needs a path."""
-    if isinstance(v, str):
-        v = {"name": v}
-    if not isinstance(v, dict) or "name" not in v:
-        raise CardError(path, f"must be a dataset name ({', '.join(DATASETS)}) or a mapping with name: (got {v!r})")
-    if v["name"] not in DATASETS:
-        raise CardError(f"{path}.name", f"unknown dataset {v['name']!r}; use one of: {', '.join(DATASETS)}")
-    if v["name"] == "npz" and not v.get("path"):
-        raise CardError(f"{path}.path", "dataset npz needs path: FILE.npz (relative to the bundle)")
-    return dict(v)
+    """A dataset name from the known list (or {name: NAME}); the card never names a file or a root."""
+    if isinstance(v, dict):
+        unknown = sorted(set(v) - {"name"})
+        if unknown:
+            raise CardError(f"{path}.{unknown[0]}", "unknown key; a card names its dataset only (known keys: name); "
+                            "a local .npz is given by the operator: arena submit BUNDLE --data FILE.npz")
+        v = v.get("name")
+    if v == "npz":
+        raise CardError(path, "a card cannot bring its own data; name the dataset (one of: "
+                        f"{', '.join(DATASETS)}) and the operator gives a local copy with --data FILE.npz")
+    if v not in DATASETS:
+        raise CardError(path, f"unknown dataset {v!r}; use one of: {', '.join(DATASETS)}")
+    return {"name": v}
 
 
 def _ensemble(path: str, v: Any) -> dict[str, Any] | None:
@@ -221,7 +237,7 @@ FIELDS: tuple[Field, ...] = (
     Field("authors", _authors, True, "list of author names"),
     Field("paper", _url_or_null, True, "link to the paper or preprint (http/https), or null"),
     Field("architecture", _str, True, "architecture in words, e.g. ResNet-18 or WRN-34-10"),
-    Field("dataset", _dataset, True, f"dataset the defense is for: {', '.join(DATASETS)} (npz: add path:)"),
+    Field("dataset", _dataset, True, f"dataset the defense is for: {', '.join(DATASETS)}"),
     Field("threat_models", _threat_models, True, "threat models the defense claims, e.g. [{norm: Linf, eps: 8/255}]"),
     Field("randomized", _bool, True, "true if two calls on the same input may differ (noise, random switching)"),
     Field("ensemble", _ensemble, True, "null, or {members: N, aggregation: softmax|logits|voting}"),
@@ -254,12 +270,8 @@ class Bundle:
         return self.path / self.card["weights"]["file"]
 
     def dataset_cfg(self) -> dict[str, Any]:
-        """The card's dataset as a `dataset` config, with bundle-relative paths made absolute."""
-        cfg = dict(self.card["dataset"])
-        if cfg.get("path"):
-            p = Path(str(cfg["path"])).expanduser()
-            cfg["path"] = str(p if p.is_absolute() else (self.path / p).resolve())
-        return cfg
+        """The card's dataset as a `dataset` config: its name only (the harness sets everything else)."""
+        return {"name": self.card["dataset"]["name"]}
 
 
 def validate_card(raw: Any) -> dict[str, Any]:
@@ -280,13 +292,43 @@ def validate_card(raw: Any) -> dict[str, Any]:
     return card
 
 
-def read_card(path: Path) -> dict[str, Any]:
-    """Parse `defense.yaml` (YAML errors become a one-line message with the line number)."""
-    if not path.is_file():
-        raise UserError(f"no {CARD_NAME} in {str(path.parent)!r}; a bundle needs {CARD_NAME}, model.py and the weights "
-                        f"(`arena submit --template DIR` writes a skeleton)")
+NESTED_KEYS = {"threat_models[]": ("norm", "eps"), "ensemble": ("members", "aggregation"),
+               "training_data": ("description", "extra_data"), "weights": ("file", "sha256"), "dataset": ("name",)}
+
+
+def _known_keys(path: str) -> tuple[str, ...]:
+    return FIELD_NAMES if not path else NESTED_KEYS.get(re.sub(r"\[\d+\]$", "[]", path), ())
+
+
+def _check_duplicates(node: Any, path: str = "") -> None:
+    """Refuse a key given twice in any mapping of the card (YAML would silently keep the last)."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            if key in seen:
+                where = f"{path}.{key}" if path else str(key)
+                known = _known_keys(path)
+                raise CardError(where, f"duplicate key (lines {seen[key] + 1} and {key_node.start_mark.line + 1}); give each "
+                                f"key once" + (f" (known keys here: {', '.join(known)})" if known else ""))
+            seen[key] = key_node.start_mark.line
+            _check_duplicates(value_node, f"{path}.{key}" if path else str(key))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_duplicates(item, f"{path}[{i}]")
+
+
+def parse_card_text(text: str) -> Any:
+    """YAML of a card: no anchors or aliases, no duplicate keys, then the plain safe load."""
     try:
-        return yaml.safe_load(path.read_text())
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+                mark = event.start_mark
+                raise CardError("(syntax)", f"YAML anchors and aliases are not allowed in a card (line {mark.line + 1})")
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        if root is not None:
+            _check_duplicates(root)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -294,19 +336,113 @@ def read_card(path: Path) -> dict[str, Any]:
         raise CardError("(syntax)", f"not valid YAML{where}: {problem}") from None
 
 
+def read_card(path: Path) -> dict[str, Any]:
+    """Parse `defense.yaml` (YAML errors become a one-line message with the line number)."""
+    if not path.is_file():
+        raise UserError(f"no {CARD_NAME} in {str(path.parent)!r}; a bundle needs {CARD_NAME}, model.py and the weights "
+                        f"(`arena submit --template DIR` writes a skeleton)")
+    if path.stat().st_size > MAX_CARD_BYTES:
+        raise CardError("(file)", f"{path.stat().st_size} bytes; a card has at most {MAX_CARD_BYTES} bytes")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise CardError("(file)", "not UTF-8 text") from None
+    return parse_card_text(text)
+
+
 def load_bundle(path: Path | str) -> Bundle:
-    """Read and validate the card and check that the files it names exist."""
+    """Read and validate the card and check that the files it names exist (as regular files)."""
     root = Path(path).expanduser().resolve()
     if not root.is_dir():
         raise UserError(f"bundle {str(path)!r} is not a directory; give the directory that holds {CARD_NAME}")
+    check_links(root)
     raw = read_card(root / CARD_NAME)
     card = validate_card(raw)
     bundle = Bundle(root, card, raw)
-    if not bundle.model_file.is_file():
-        raise CardError("model_file", f"{card['model_file']!r} does not exist in the bundle")
-    if not bundle.weights_file.is_file():
-        raise CardError("weights.file", f"{card['weights']['file']!r} does not exist in the bundle")
+    for name, f in (("model_file", bundle.model_file), ("weights.file", bundle.weights_file)):
+        rel = card["model_file"] if name == "model_file" else card["weights"]["file"]
+        if not f.is_file():
+            raise CardError(name, f"{rel!r} does not exist in the bundle as a regular file")
     return bundle
+
+
+class BundleError(UserError):
+    """The bundle's files break a hygiene rule (links out, special files, size)."""
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.relative_to(root)
+        return True
+    except ValueError:
+        return False
+
+
+def check_links(root: Path) -> None:
+    """Refuse symbolic links that resolve outside the bundle, and special files (FIFOs, devices, sockets)."""
+    root = root.resolve()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        for name in [*dirnames, *filenames]:
+            p = Path(dirpath) / name
+            rel = p.relative_to(root)
+            mode = os.lstat(p).st_mode
+            if stat.S_ISLNK(mode):
+                target = Path(os.path.realpath(p))
+                if not _inside(target, root):
+                    raise BundleError(f"bundle file {str(rel)!r} is a symbolic link that leaves the bundle; copy the file "
+                                      f"into the bundle instead of linking to it")
+                if target.is_dir():
+                    raise BundleError(f"bundle entry {str(rel)!r} is a symbolic link to a folder; put the folder itself in the bundle")
+            elif not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                raise BundleError(f"bundle entry {str(rel)!r} is not a regular file or folder (a FIFO, socket or device); remove it")
+
+
+def stage_bundle(src: Path | str, dst: Path, max_bytes: int = MAX_BUNDLE_BYTES, max_files: int = MAX_BUNDLE_FILES) -> Path:
+    """Copy the bundle into `dst` (which must not exist): regular files only, links inside resolved.
+
+    Every later step (card, hashes, the worker) reads the copy, so what was checked is what runs.
+    """
+    root = Path(src).expanduser().resolve()
+    if not root.is_dir():
+        raise UserError(f"bundle {str(src)!r} is not a directory; give the directory that holds {CARD_NAME}")
+    check_links(root)
+    dst.mkdir(parents=True)
+    total = files = 0
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        here = Path(dirpath)
+        rel_dir = here.relative_to(root)
+        for d in dirnames:
+            if not (here / d).is_symlink():
+                (dst / rel_dir / d).mkdir()
+                files += 1  # folders count toward the entry limit too
+        for name in filenames:
+            p = here / name
+            target = Path(os.path.realpath(p))
+            if not _inside(target, root):  # changed since check_links
+                raise BundleError(f"bundle file {str(rel_dir / name)!r} is a symbolic link that leaves the bundle; copy the file in")
+            files += 1
+            if files > max_files:
+                raise BundleError(f"the bundle holds more than {max_files} files and folders; submit only the model, its "
+                                  f"weights and the card")
+            try:
+                fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            except OSError as exc:  # a link loop, a file that vanished, no permission
+                raise BundleError(f"bundle file {str(rel_dir / name)!r} cannot be read ({exc.strerror}); "
+                                  f"replace it by a regular file") from None
+            try:
+                info = os.fstat(fd)
+                if not stat.S_ISREG(info.st_mode):
+                    raise BundleError(f"bundle entry {str(rel_dir / name)!r} is not a regular file; remove it")
+                total += info.st_size
+                if total > max_bytes:
+                    raise BundleError(f"the bundle is larger than {max_bytes // 1024**2} MiB; submit only the model, its "
+                                      f"weights and the card")
+                with os.fdopen(os.dup(fd), "rb") as fin, open(dst / rel_dir / name, "wb") as fout:
+                    while chunk := fin.read(1 << 20):
+                        fout.write(chunk)
+            finally:
+                os.close(fd)
+    return dst
 
 
 def verify_checksum(bundle: Bundle) -> str:
@@ -360,7 +496,7 @@ def template_card() -> str:
         "authors: [Your Name]",
         "paper: null                      # or https://arxiv.org/abs/...",
         "architecture: small CNN (2 conv + 2 fc)",
-        "dataset: mnist5k                 # mnist5k | digits | mnist | cifar10 | ... | {name: npz, path: test.npz}",
+        "dataset: mnist5k                 # mnist5k | digits | mnist | fashion_mnist | cifar10 | cifar100 | svhn",
         "threat_models:",
         "  - {norm: Linf, eps: 0.3}       # eps may be a fraction: \"8/255\"",
         "randomized: false                # true if two calls on the same input may differ",

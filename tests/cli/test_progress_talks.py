@@ -126,10 +126,10 @@ def test_ctrl_c_is_one_line_for_poison(tmp_path, capsys):
 def test_ctrl_c_is_one_line_for_submit(tmp_path, capsys, monkeypatch):
     import harness.submit.score as score
 
-    def interrupted(bundle):  # Ctrl-C while the weights load: Python raises KeyboardInterrupt right there
+    def interrupted(*args, **kwargs):  # Ctrl-C while the worker loads the weights: KeyboardInterrupt right there
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(score, "check_loading", interrupted)
+    monkeypatch.setattr(score, "open_session", interrupted)
     bundle = tmp_path / "bundle"
     assert main(["submit", "--template", str(bundle)]) == 0
     import hashlib

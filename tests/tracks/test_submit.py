@@ -5,6 +5,8 @@ small CNN trained here on mnist5k (a few seconds), written next to each card wit
 Verdicts: clean (accepted, not flagged), masked by input quantisation (accepted, flagged),
 probabilities (rejected), randomised but declared deterministic (rejected), stale checksum
 (rejected). The ../shared CIFAR-10 ResNet-2B submitted as a bundle gets clean accuracy 70.3 %.
+Every bundle's code runs in a sandboxed worker (harness/submit/sandbox.py); hostile bundles are in
+tests/tracks/test_submit_hostile.py and the worker itself is attacked in tests/tracks/test_sandbox.py.
 """
 from __future__ import annotations
 
@@ -19,7 +21,6 @@ import torch
 import yaml
 
 from harness.submit.bundle import CardError, load_bundle, validate_card
-from harness.core.classifier import Classifier
 from harness.core.errors import UserError
 from harness.core.hashing import file_sha256
 from harness.submit.score import Rejection, SubmitOptions, submit
@@ -204,30 +205,54 @@ def test_ensemble_bundle_gets_the_ensemble_suite(make_bundle, tmp_path):
     assert result.suite == "submission_ensemble"
 
 
+@pytest.fixture(scope="module")
+def ensemble_session(make_bundle):
+    """The ensemble bundle's model in a sandboxed worker (members exposed through it)."""
+    from harness.submit.remote import open_session
+    from harness.submit.sandbox import SandboxLimits, detect_isolation
+
+    bundle = load_bundle(make_bundle("ensemble"))
+    session = open_session(bundle.path, "model.py", "weights.pt", isolation=detect_isolation("auto"), limits=SandboxLimits(),
+                           device="cpu", num_classes=10, input_shape=(1, 28, 28), randomized=False, digest=b"\0" * 32,
+                           role="ensemble")
+    yield bundle, session
+    session.close()
+
+
 @pytest.mark.parametrize("change, message", [
     ({"ensemble": {"members": 3, "aggregation": "softmax"}}, "has 2 members"),
     ({"ensemble": {"members": 2, "aggregation": "logits"}}, "aggregated by 'softmax'"),
     ({"ensemble": None}, "declares ensemble: null"),
 ])
-def test_ensemble_structure_must_match_the_card(make_bundle, change, message):
-    from defenses.checkpoint import Checkpoint
+def test_ensemble_structure_must_match_the_card(ensemble_session, change, message):
     from harness.submit.score import check_contract
 
-    bundle = load_bundle(make_bundle("ensemble"))
+    bundle, session = ensemble_session
     card = {**bundle.card, **change}
-    clf = Classifier(Checkpoint(str(bundle.model_file), str(bundle.weights_file)).build(_ctx()).module, 10, (1, 28, 28))
     with pytest.raises(UserError) as exc:
-        check_contract(clf, torch.rand(16, 1, 28, 28), card)
+        check_contract(session, torch.rand(16, 1, 28, 28), card)
     assert message in str(exc.value)
 
 
-def _ctx():
-    from types import SimpleNamespace
+def test_ensemble_members_are_exposed_through_the_worker(ensemble_session, trained):
+    """The harness aggregates the members' logits itself; MORA's member access works on the proxy."""
+    from harness.core.access import PassCounter
+    from harness.core.ensemble import Ensemble, forward_members, make_ensemble_access
+    from harness.data.models import SmallCNN
 
-    from harness.core.defense import BuildContext
-
-    data = SimpleNamespace(num_classes=10, input_shape=(1, 28, 28))
-    return BuildContext(data=data, model_cfg={}, device=torch.device("cpu"), seed=0, cache_dir=Path("."))
+    _, session = ensemble_session
+    clf = session.classifier
+    assert isinstance(clf.module, Ensemble) and len(clf.module.members) == 2 and clf.module.mode == "softmax"
+    access = make_ensemble_access(clf, PassCounter())
+    x = torch.rand(5, 1, 28, 28, requires_grad=True)
+    z = forward_members(access, x)
+    (g,) = torch.autograd.grad(z[1].logsumexp(1).sum(), x)
+    local = SmallCNN(1, 10, width=8, hidden=32).eval()
+    local.load_state_dict(trained[0])
+    ref = local(x)
+    (g_ref,) = torch.autograd.grad(ref.logsumexp(1).sum(), x)
+    assert torch.allclose(z[0], ref, atol=1e-5) and torch.allclose(g, g_ref, atol=1e-5)
+    assert access.member_counter.forward == 10 and access.counter.forward == 5
 
 
 class _Payload:
@@ -330,6 +355,8 @@ def test_shared_resnet2b_bundle_gets_its_clean_accuracy(tmp_path):
     row = _row(work, "resnet2b-pgd")
     assert row["clean_acc"] == pytest.approx(70.3, abs=1e-6)
     assert row["dataset"] == "cifar10" and row["threat"] == f"Linf-{2 / 255:.4g}" and bool(row["submission"])
+    assert row["data"] == "cifar10_test_first1000:da362006b9967121"  # the operator's file: stem and content hash
+    assert not bool(row["stateful_model"])
     assert 50.0 < row["robust_acc"] < 60.0  # PGD-10 + Square-300 at 2/255 (README: CE-PGD-20 57.0 %)
     assert not result.masking_suspected
     assert result.health[f"Linf-{2 / 255:.4g}"].get("transfer").status == "skip"  # no training split in the npz
