@@ -18,6 +18,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from harness.core.atomic import strict_dumps  # strict JSON: null, never NaN
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -203,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         "targets": checks,
         "rows": json.loads(board.drop(columns=["git"]).to_json(orient="records")),
     }
-    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    (args.out / f"{args.name}.json").write_text(strict_dumps(result) + "\n")
     md = [
         "# Poisoning benchmark: poison x defense, clean test accuracy (%)", "",
         f"Command: `{command}` (resumable: finished runs are skipped, so it may be run in chunks "

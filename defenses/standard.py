@@ -15,6 +15,7 @@ from torch import nn
 from harness.core.defense import BuildContext, Defense, register
 from harness.data.weights import cached_training
 from harness.core.classifier import Classifier
+from harness.core.contract import probe_input
 from harness.core.hashing import stable_hash
 from harness.data.models import build_model
 from harness.data.training import LossFn, TrainConfig, ce_loss, train
@@ -40,6 +41,7 @@ def train_defended(
     if module is None:
         torch.manual_seed(ctx.seed)  # initial weights are part of what the cache key promises
         module = build_model(ctx.model_cfg, data.num_classes, data.input_shape)
+    probe_input(module, data.input_shape, data.name)  # a shape the model cannot take: one line, before training
     key = stable_hash({
         "defense": defense.name, "params": defense.describe(), "model": ctx.model_cfg,
         "data": data.fingerprint(), "seed": ctx.seed, "device_type": ctx.device.type,
@@ -62,6 +64,7 @@ class Standard(Defense):
 
     def __init__(self, train: dict[str, Any] | None = None) -> None:
         self.train = dict(train or {})
+        TrainConfig.from_dict(self.train)  # fail early (at plan time) on a bad recipe
 
     def build(self, ctx: BuildContext) -> Classifier:
         module, facts = train_defended(ctx, self, train_cfg=TrainConfig.from_dict(self.train))

@@ -37,5 +37,14 @@ def eval_task(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
+def eval_precheck(cfg: DictConfig) -> None:
+    """Plan one composed configuration of a sweep (validates every value, writes nothing)."""
+    import attacks  # noqa: F401  (registers attacks)
+    import defenses  # noqa: F401  (registers defenses)
+    from harness.evasion.plan import plan_evaluation
+
+    plan_evaluation(to_plain(cfg))
+
+
 def main(argv: list[str]) -> int:
-    return run_hydra_app("eval", eval_task, argv, prog="arena eval")
+    return run_hydra_app("eval", eval_task, argv, prog="arena eval", precheck=eval_precheck)

@@ -39,5 +39,13 @@ def poison_task(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
+def poison_precheck(cfg: DictConfig) -> None:
+    """Plan one composed configuration of a sweep (validates cheap values, writes nothing)."""
+    import defenses  # noqa: F401  (registers defenses)
+    from harness.poisoning.run import plan
+
+    plan(to_plain(cfg))
+
+
 def main(argv: list[str]) -> int:
-    return run_hydra_app("poison", poison_task, argv, prog="arena poison")
+    return run_hydra_app("poison", poison_task, argv, prog="arena poison", precheck=poison_precheck)

@@ -207,7 +207,9 @@ def _norm_args(cfg: dict[str, Any], channels: int) -> dict[str, Any]:
     if len(std) == 1:
         std = std * channels
     if len(mean) != channels or len(std) != channels:
-        raise UserError(f"model.mean/std have {len(mean)}/{len(std)} entries for {channels}-channel images; give 1 or {channels}")
+        each = "one value each" if channels == 1 else f"1 or {channels} values each"
+        raise UserError(f"model.mean/std have {len(mean)}/{len(std)} entries but the images have {channels} channel(s); "
+                        f"give {each} (e.g. model.mean=[{','.join(['0.5'] * channels)}] model.std=[{','.join(['0.25'] * channels)}])")
     if any(s <= 0 for s in std):
         raise UserError(f"model.std={std} must be positive")
     return {"mean": mean, "std": std}

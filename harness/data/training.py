@@ -49,10 +49,20 @@ class TrainConfig:
             raise UserError(f"train.schedule={self.schedule!r} unknown; use one of: {', '.join(SCHEDULES)}")
         if self.augment not in AUGMENTS:
             raise UserError(f"train.augment={self.augment!r} unknown; use one of: {', '.join(AUGMENTS)}")
+        for key in ("epochs", "batch_size"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise UserError(f"train.{key}={value!r} must be an integer")
         if self.epochs < 0:
             raise UserError(f"train.epochs={self.epochs} must be >= 0")
         if self.batch_size <= 0:
             raise UserError(f"train.batch_size={self.batch_size} must be > 0")
+        for key, ok, want in (("lr", lambda v: v > 0, "> 0, e.g. train.lr=0.05"),
+                              ("momentum", lambda v: 0 <= v < 1, "in [0, 1), e.g. train.momentum=0.9"),
+                              ("weight_decay", lambda v: v >= 0, ">= 0, e.g. train.weight_decay=5e-4")):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or not ok(value):
+                raise UserError(f"train.{key}={value!r} must be a finite number {want}")
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any] | None) -> "TrainConfig":

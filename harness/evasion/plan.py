@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from harness.core.atomic import check_writable_dir
 from harness.core.attack import Attack, build_attack
 from harness.core.defense import build_defense
 from harness.core.device import resolve_device
@@ -116,7 +117,9 @@ def build_slots(specs: list[dict[str, Any]]) -> list[AttackSlot]:
 
 def int_setting(value: Any, name: str, example: int) -> int:
     """An integer from the config (null or text -> one-line UserError, not a TypeError deep inside)."""
-    ok = isinstance(value, (int, float, str)) and not isinstance(value, bool)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value  # exact, however large (the caller checks the range)
+    ok = isinstance(value, (float, str))
     if ok:
         try:
             number = float(value)
@@ -125,19 +128,32 @@ def int_setting(value: Any, name: str, example: int) -> int:
             ok = False
     if not ok:
         raise UserError(f"{name}={_show(value)} must be an integer (e.g. {name}={example})")
-    return int(number)
+    return int(str(value)) if isinstance(value, str) and str(value).strip().lstrip("+-").isdigit() else int(number)
 
 
 def _show(value: Any) -> str:
     return "null" if value is None else str(value)
 
 
+SEED_MAX = 2**63 - 1  # torch.manual_seed and numpy's generators take any seed in 0..2**63-1
+
+
+def seed_setting(value: Any, name: str = "seed") -> int:
+    """The run seed: an integer in 0..2**63-1 (a larger one overflows torch's generators)."""
+    seed = int_setting(value, name, 0)
+    if not 0 <= seed <= SEED_MAX:
+        raise UserError(f"{name}={seed} is outside 0..{SEED_MAX}; use a smaller seed (e.g. {name}=0)")
+    return seed
+
+
 def plan_evaluation(cfg: dict[str, Any]) -> EvalPlan:
     """Validate the whole config and decide the run directory; writes nothing."""
-    seed = int_setting(cfg.get("seed", 0), "seed", 0)
+    seed = seed_setting(cfg.get("seed", 0))
     batch_size = int_setting(cfg.get("batch_size", 250), "batch_size", 250)
     if batch_size <= 0:
         raise UserError(f"batch_size={batch_size} must be > 0 (e.g. batch_size=250)")
+    work_dir = Path(str(cfg.get("work_dir", "arena-work")))
+    check_writable_dir(work_dir)
     device = resolve_device(str(cfg.get("device", "auto")))
     threat_cfg = dict(cfg.get("threat") or {})
     threat = ThreatModel(norm=str(threat_cfg.get("norm", "Linf")), eps=threat_cfg.get("eps", 0.3))
@@ -145,7 +161,9 @@ def plan_evaluation(cfg: dict[str, Any]) -> EvalPlan:
     slots = build_slots(specs)
     build_defense(dict(cfg.get("defense") or {}))  # name and parameters checked before any data work
     data = load_dataset(dict(cfg.get("dataset") or {}))
-    ids, x, y = select_eval(data, cfg.get("n_samples"), int(cfg.get("offset", 0) or 0))
+    n_samples = None if cfg.get("n_samples") is None else int_setting(cfg.get("n_samples"), "n_samples", 1000)
+    offset = int_setting(cfg.get("offset", 0) or 0, "offset", 0)
+    ids, x, y = select_eval(data, n_samples, offset)
     eval_ids, eval_data = tensor_hash(ids), tensor_hash(x)  # the whole evaluation set: all shards share it
     sl, shard = parse_shard(cfg.get("shard"), ids.shape[0], batch_size)
     ids, x, y = ids[sl], x[sl], y[sl]
@@ -161,12 +179,12 @@ def plan_evaluation(cfg: dict[str, Any]) -> EvalPlan:
         "suite": suite_name,
         "attacks": [dict(s.spec, view=s.view) for s in slots],
         "threat": {"norm": threat.norm, "eps": threat.eps},
-        "n_samples": cfg.get("n_samples"), "offset": int(cfg.get("offset", 0) or 0),
+        "n_samples": cfg.get("n_samples"), "offset": offset,
         "seed": seed, "batch_size": batch_size, "evaluator": {"draws": draws, "cascade": cascade},
         "shard": shard,
     }
     unsharded = {**semantic, "shard": None}
-    run = RunDir.for_config(Path(str(cfg.get("work_dir", "arena-work"))), "runs", semantic)
+    run = RunDir.for_config(work_dir, "runs", semantic)
     return EvalPlan(cfg, data, ids, x, y, threat, slots, suite_name, semantic, run, device, seed, batch_size,
                     draws, cascade, extra={"unsharded_hash": stable_hash(unsharded), "shard": shard,
                                            "first_batch": sl.start // batch_size})

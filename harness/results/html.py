@@ -18,16 +18,15 @@ Per-attack columns come from the `cascade` column (`pgd-ce=57.2;square=55.0` bec
 from __future__ import annotations
 
 import html
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from harness.core.atomic import atomic_write_text
+from harness.core.atomic import atomic_write_text, strict_dumps
 
-FLAG_COLUMNS = ("masking_suspected", "randomized", "ensemble", "submission")
+FLAG_COLUMNS = ("masking_suspected", "upper_bound", "randomized", "ensemble", "submission")
 FILTER_COLUMNS = ("dataset", "threat", "suite")
 LEAD_COLUMNS = ("defense", "model", "dataset", "threat", "suite", "n_samples", "clean_acc", "robust_acc", "best_known_acc")
 ATTACK_PREFIX = "after "
@@ -58,7 +57,8 @@ def expand_cascade(df: pd.DataFrame) -> pd.DataFrame:
 
 def flags_text(row: pd.Series) -> str:
     """Short flag summary of a row, e.g. `masking? randomized submission`."""
-    names = {"masking_suspected": "masking?", "randomized": "randomized", "ensemble": "ensemble", "submission": "submission"}
+    names = {"masking_suspected": "masking?", "upper_bound": "upper-bound", "randomized": "randomized",
+             "ensemble": "ensemble", "submission": "submission"}
     return " ".join(names[c] for c in FLAG_COLUMNS if c in row.index and _truthy(row[c]))
 
 
@@ -239,7 +239,7 @@ def render_html(df: pd.DataFrame, title: str) -> str:
     if "submission" in df.columns:
         controls.append('<label><input type="checkbox" data-col="submission" data-key="submissions"> submissions only</label>')
     controls.append(f'<span id="count">{len(df)} of {len(df)} rows</span>')
-    meta_json = json.dumps({"rows": len(df), "columns": cols}).replace("</", "<\\/")
+    meta_json = strict_dumps({"rows": len(df), "columns": cols}, indent=None).replace("</", "<\\/")
     return (
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"

@@ -35,6 +35,12 @@ def _label(manifest: dict[str, Any]) -> str:
     return str(d.get("label") or d.get("name"))
 
 
+def dataset_label(manifest: dict[str, Any]) -> str:
+    from harness.evasion.board import dataset_label as label
+
+    return label(manifest)
+
+
 def _runs(work_dirs: list[Path]) -> list[tuple[Any, dict, dict, pd.DataFrame]]:
     from harness.evasion.board import collect
 
@@ -64,7 +70,7 @@ def plot_acc_vs_eps(board: pd.DataFrame, runs: list[tuple[Any, dict, dict, pd.Da
         h = _health(run.path)
         if h and (h.get("curves") or {}).get("eps_sweep"):
             cfg = manifest["config"]
-            ds = (cfg.get("dataset") or {}).get("label") or (cfg.get("dataset") or {}).get("name")
+            ds = dataset_label(manifest)
             sweeps[(str(ds), cfg["threat"]["norm"], _label(manifest))] = h["curves"]["eps_sweep"]
     n = max(len(groups), 1)
     fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 3.8), squeeze=False)
