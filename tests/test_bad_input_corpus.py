@@ -100,6 +100,14 @@ def a_file(name: str) -> Maker:
     return raw(name, "not a directory\n")
 
 
+def empty_runs(name: str) -> Maker:
+    """A work dir with an empty runs/ folder (nothing evaluated yet)."""
+    def make(tmp: Path, stack) -> Path:
+        (tmp / name / "runs").mkdir(parents=True)
+        return tmp / name
+    return make
+
+
 def read_only_dir(name: str) -> Maker:
     """A directory nobody may write to: chmod for a normal user; for root (whom permissions do not
     stop) a read-only tmpfs when this machine lets us mount one; otherwise the case is skipped."""
@@ -344,7 +352,8 @@ CASES: list[tuple[str, Setup, str]] = [
      B + "--threat does not apply to the poisoning leaderboard (filters: --dataset, --defense)"),
     ("html without an output", cmd("board", "html", "--csv", "{f}", files={"f": board_csv("ok.csv")}),
      B + "arena board html needs an output file: arena board html OUT.html"),
-    ("board build into a file", cmd("board", "build", "--csv", "{f}/evasion.csv", files={"f": a_file("plain.txt")}),
+    ("board build into a file", cmd("board", "build", "--work-dir", "{w}", "--csv", "{f}/evasion.csv",
+                                    files={"f": a_file("plain.txt"), "w": empty_runs("w")}),
      B + "cannot write {tmp}/plain.txt/evasion.csv"),
     ("unknown command", cmd("frobnicate"), "arena: error: unknown command 'frobnicate'; choose one of: eval, poison, board, layers, submit"),
     # --- bundles ---------------------------------------------------------------------------------------
