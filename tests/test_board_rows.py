@@ -30,6 +30,8 @@ def test_two_attack_settings_of_a_sweep_are_two_rows(tmp_path):
     work = tmp_path / "w"
     assert main(["eval", "-m", "dataset=digits", "n_samples=20", "defense.train.epochs=1", "attack=pgd", "attack.steps=2,3",
                  "threat.eps=0.05", "progress=false", f"work_dir={work}"]) == 0
+    (sweep,) = (work / "hydra").iterdir()  # Hydra's only output: the sweep's config, no per-job folders or logs
+    assert [p.name for p in sweep.iterdir()] == ["multirun.yaml"]
     df = board(work)
     assert len(df) == 2 and df["suite"].tolist() == ["pgd", "pgd"] and df["attacks_hash"].nunique() == 2
     assert df["defense_id"].nunique() == 1 and df["data_hash"].nunique() == 1

@@ -46,11 +46,14 @@ def test_the_writer_turns_non_finite_numbers_into_null(tmp_path):
     assert strict_dumps({"a": (1, 2)}, indent=None) == '{"a": [1, 2]}'
 
 
-def test_an_evaluation_and_a_board_build_write_strict_json(tmp_path):
+def test_an_evaluation_and_a_board_build_write_strict_json(tmp_path, monkeypatch):
     """suite=quick at eps 0.3: PGD-CE breaks every sample, so PGD-margin attacks none and its
-    success rate and median queries are undefined (NaN in memory, null on disk)."""
+    success rate and median queries are undefined (NaN in memory, null on disk). Hydra itself
+    writes nothing for a single run: no hydra/ folder, no .hydra, no log file."""
     work = tmp_path / "w"
+    monkeypatch.chdir(tmp_path)
     assert main(["eval", "dataset=digits", "n_samples=20", "defense.train.epochs=1", "progress=false", f"work_dir={work}"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w"] and sorted(p.name for p in work.iterdir()) == ["cache", "leaderboard", "runs"]
     (summary,) = work.glob("runs/*/summary.json")
     text = summary.read_text()
     assert strict_loads(text)["attacks"]["pgd-margin"]["success_rate"] is None and "NaN" not in text

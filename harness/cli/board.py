@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import sys
 from pathlib import Path
 
 from harness.core.errors import UserError
@@ -110,13 +109,8 @@ def board_main(argv: list[str]) -> int:
             return 0
     else:
         if args.action == "build":
-            skipped: list[str] = []
-
-            def warn(line: str) -> None:
-                skipped.append(line)
-                print(line, file=sys.stderr)
-
-            df = leaderboard.build(work_dirs, csv, warn=warn)
+            df = leaderboard.build(work_dirs, csv)
+            skipped = df.attrs.get("damaged") or []
             note = f", {len(skipped)} damaged run(s) skipped: `arena board check` lists them" if skipped else ""
             if not any((Path(wd) / "runs").is_dir() for wd in work_dirs):
                 note += f"; no runs/ under {', '.join(str(wd) for wd in work_dirs)} yet"

@@ -224,8 +224,21 @@ def damaged_line(run: RunDir, problem: str, command: str = "arena eval") -> str:
 
 
 def build_table(work_dirs: list[Path], warn: Callable[[str], None] = _warn) -> pd.DataFrame:
-    """The leaderboard as a DataFrame (pure function of the finished runs)."""
-    runs = collect(work_dirs, warn)
+    """The leaderboard as a DataFrame (pure function of the finished runs).
+
+    `df.attrs["damaged"]` lists the warning lines of the damaged runs left out."""
+    damaged: list[str] = []
+
+    def note(line: str) -> None:
+        damaged.append(line)
+        warn(line)
+
+    df = _table(collect(work_dirs, note))
+    df.attrs["damaged"] = damaged
+    return df
+
+
+def _table(runs: list[tuple[RunDir, dict, dict, pd.DataFrame]]) -> pd.DataFrame:
     # best known: per (defense identity, dataset, threat), union of breaks over all runs, per sample id
     worst: dict[str, pd.Series] = {}
     keys = []
@@ -283,13 +296,14 @@ def write_csv(df: pd.DataFrame, out: Path) -> None:
         raise err from None
 
 
-def build(work_dirs: list[Path], out: Path, warn: Callable[[str], None] = _warn) -> pd.DataFrame:
+def build(work_dirs: list[Path], out: Path) -> pd.DataFrame:
     """Rebuild and write under one lock: reading the runs inside the lock means the last writer
-    has seen every run finished before it, so concurrent builds never leave a stale board."""
+    has seen every run finished before it, so concurrent builds never leave a stale board.
+    Damaged runs are left out with a warning each (listed in `df.attrs["damaged"]`)."""
     out = Path(out)
     try:
         with _locked(out):
-            df = build_table(work_dirs, warn)
+            df = build_table(work_dirs)
             _to_csv(df, out)
     except OSError as exc:
         err = storage_error(exc, Path(str(out) + ".lock"))

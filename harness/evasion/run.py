@@ -22,7 +22,7 @@ from harness.core.progress import progress_bar
 from harness.data.training import to_unit
 from harness.evasion.cascade import evaluate_batch
 from harness.evasion.plan import EvalPlan, plan_evaluation
-from harness.evasion.records import batch_meta, batch_problem, run_damage
+from harness.evasion.records import RECORD_COLUMNS, batch_meta, batch_problem, run_damage
 from harness.results.store import RunDir, base_manifest
 
 
@@ -117,6 +117,9 @@ def run_evaluation(cfg: dict[str, Any], overrides: list[str] | None = None, log=
             records = _resumable_batch(run, b, want, ids.tolist(), plan.y[sl].tolist(), log)
             if records is None:
                 records = evaluate_batch(plan, clf, first + b, ids, plan.x[sl], plan.y[sl])
+                if set(records.columns) != set(RECORD_COLUMNS):  # a bug: the schema drifted from records.py
+                    raise RuntimeError(f"evaluate_batch wrote columns {sorted(records.columns)}; keep "
+                                       f"harness.evasion.records.RECORD_COLUMNS equal to them")
                 run.write_batch(b, records, {**want, "rows": len(records)})
             batches.append(records)
             bar.advance()

@@ -33,7 +33,7 @@ from harness.core.hashing import stable_hash
 
 DONE = "DONE"
 BATCH_META = b"arena"  # Parquet key-value metadata of a batch file: what it was computed for
-FINAL_FILES = ("samples.parquet", "summary.json")
+FINAL_FILES = ("samples.parquet", "summary.json")  # in the order `finish` writes them
 PACKAGES = ("robustarena", "torch", "torchvision", "hydra-core", "pandas", "pyarrow", "pyautoattack", "kornia", "numpy")
 
 
@@ -175,7 +175,7 @@ class RunDir:
         """Turn a damaged finished run back into an unfinished one: DONE first (so no reader takes
         it as finished meanwhile), then the final files; the validated batches are kept."""
         (self.path / DONE).unlink(missing_ok=True)
-        for name in FINAL_FILES:
+        for name in reversed(FINAL_FILES):  # the reverse of `finish`: never a summary without its records
             (self.path / name).unlink(missing_ok=True)
 
     def finish(self, samples: pd.DataFrame, summary: dict[str, Any], extra_files: dict[str, str] | None = None) -> None:
