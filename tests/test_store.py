@@ -115,6 +115,10 @@ def _drop_samples(r: Path) -> None:
     df[~df["sample_id"].isin(df["sample_id"].unique()[:15])].to_parquet(r / "samples.parquet", index=False)
 
 
+def _other(r: Path) -> str:
+    return next(p.name for p in r.parent.iterdir() if p.name != r.name)
+
+
 def _foreign_manifest(r: Path) -> None:
     manifest = json.loads((r / "manifest.json").read_text())
     (r / "manifest.json").write_text(json.dumps({**manifest, "config_hash": "0" * 16}))
@@ -125,7 +129,12 @@ DAMAGE = {
     "manifest truncated": (lambda r: (r / "manifest.json").write_text((r / "manifest.json").read_text()[:80]),
                            "manifest.json is truncated or not a run manifest"),
     "samples not parquet": (lambda r: (r / "samples.parquet").write_bytes(b"garbage"), "samples.parquet is unreadable (ArrowInvalid)"),
-    "samples of 45 samples": (_drop_samples, "samples.parquet holds other samples than the manifest's (45 clean records)"),
+    "samples of 45 samples": (_drop_samples, "samples.parquet changed after the run finished (its sha256 is not the one DONE recorded)"),
+    "samples of another run": (lambda r: shutil.copy(r.parent / _other(r) / "samples.parquet", r / "samples.parquet"),
+                               "samples.parquet changed after the run finished (its sha256 is not the one DONE recorded)"),
+    "marker garbage": (lambda r: (r / "DONE").write_text('{"sha256": '), "DONE is not a completion record (truncated or edited)"),
+    "legacy marker, 45 samples": (lambda r: ((r / "DONE").write_text("ok\n"), _drop_samples(r)),
+                                  "samples.parquet holds other samples than the manifest's (45 clean records)"),
     "manifest of another run": (_foreign_manifest, "manifest.json describes config 0000000000000000, not this run"),
     "summary a list": (lambda r: (r / "summary.json").write_text("[1, 2]"), "summary.json is truncated or not a JSON object"),
 }

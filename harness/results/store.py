@@ -7,8 +7,9 @@ Layout of one run, `<work_dir>/<kind>/<config hash>/`:
   row count, attack labels), so a resume takes a batch only when it matches the plan;
 - `samples.parquet`  all records once the run is complete;
 - `summary.json`  aggregates (accuracies, cost);
-- `DONE`  completion marker, written last. A directory without it is unfinished: it is resumed,
-  never read by a leaderboard build.
+- `DONE`  completion marker, written last, with the sha256 of `samples.parquet` and
+  `manifest.json`. A directory without it is unfinished: it is resumed, never read by a
+  leaderboard build.
 Every file is written atomically, so a killed process leaves either nothing or a whole file. The
 store trusts nothing it reads back: `damage` names what is wrong with a finished run (a file
 missing, truncated, unparsable, or not this run's), leaderboard builds skip such runs with a
@@ -29,11 +30,12 @@ from typing import Any
 import pandas as pd
 
 from harness.core.atomic import atomic_write, atomic_write_json, atomic_write_text, strict_dumps
-from harness.core.hashing import stable_hash
+from harness.core.hashing import file_sha256, stable_hash
 
 DONE = "DONE"
 BATCH_META = b"arena"  # Parquet key-value metadata of a batch file: what it was computed for
 FINAL_FILES = ("samples.parquet", "summary.json")  # in the order `finish` writes them
+SEALED = ("samples.parquet", "manifest.json")  # their sha256 is in DONE (summary.json is updated later by health reports)
 PACKAGES = ("robustarena", "torch", "torchvision", "hydra-core", "pandas", "pyarrow", "pyautoattack", "kornia", "numpy")
 
 
@@ -164,7 +166,33 @@ class RunDir:
             return f"samples.parquet lacks the columns {missing}"
         if samples.empty:
             return "samples.parquet holds no records"
+        sealed = self._sealed()
+        if isinstance(sealed, str):
+            return sealed
+        for name, digest in sealed.items():
+            if file_sha256(self.path / name) != digest:
+                return f"{name} changed after the run finished (its sha256 is not the one {DONE} recorded)"
         return manifest, summary, samples
+
+    def _sealed(self) -> dict[str, str] | str:
+        """The checksums the completion marker recorded ({} for runs finished before it recorded any),
+        or what is wrong with the marker."""
+        try:
+            text = (self.path / DONE).read_text()
+        except (OSError, UnicodeDecodeError):
+            return f"{DONE} is unreadable"
+        if text == "ok\n":  # written by harness versions before the checksums
+            return {}
+        try:
+            marker = json.loads(text)
+            sealed = marker["sha256"]
+            assert isinstance(sealed, dict) and all(isinstance(v, str) for v in sealed.values())
+        except (ValueError, KeyError, TypeError, AssertionError):
+            return f"{DONE} is not a completion record (truncated or edited)"
+        unknown = [name for name in sealed if name not in SEALED]
+        if unknown:
+            return f"{DONE} seals unknown files {unknown}"
+        return sealed
 
     def damage(self, required_columns: tuple[str, ...] = ()) -> str | None:
         """What is wrong with a finished run's files (None when they are whole and this run's)."""
@@ -179,12 +207,17 @@ class RunDir:
             (self.path / name).unlink(missing_ok=True)
 
     def finish(self, samples: pd.DataFrame, summary: dict[str, Any], extra_files: dict[str, str] | None = None) -> None:
-        """Write the final records and summary, then the completion marker (last)."""
+        """Write the final records and summary, then the completion marker (last).
+
+        The marker records the sha256 of the records and the manifest, so a file replaced or
+        changed after the run finished is found (`load_checked`), not read as this run's.
+        """
         atomic_write(self.path / "samples.parquet", lambda p: samples.to_parquet(p, index=False))
         for name, text in (extra_files or {}).items():
             atomic_write_text(self.path / name, text)
         atomic_write_json(self.path / "summary.json", summary)
-        atomic_write_text(self.path / DONE, "ok\n")
+        sealed = {name: file_sha256(self.path / name) for name in SEALED}
+        atomic_write_text(self.path / DONE, strict_dumps({"format": 1, "sha256": sealed}, None) + "\n")
 
     def samples(self) -> pd.DataFrame:
         return pd.read_parquet(self.path / "samples.parquet")
