@@ -53,6 +53,8 @@ def storage_error(exc: OSError, path: Path) -> StorageError | None:
     if code in READ_ONLY:
         why = "the file system is read-only" if code == errno.EROFS else "permission denied"
         return StorageError(f"cannot write {path}: {why}; set work_dir= to a writable directory")
+    if code == errno.EISDIR:
+        return StorageError(f"cannot write {path}: it is a directory; give a file path")
     if code in NOT_A_DIR:
         blocker = _first_file_on(path.parent) or _first_file_on(path)
         if blocker is not None:
@@ -90,17 +92,19 @@ def ensure_dir(path: Path, for_file: Path | None = None) -> Path:
     return path
 
 
-def check_writable_dir(path: Path, key: str = "work_dir") -> None:
-    """Fail before any work when `path` cannot hold results: under a file, read-only, no permission.
+def check_writable_dir(path: Path, key: str = "work_dir", value: Path | None = None) -> None:
+    """Fail before any work when directory `path` cannot hold results: under a file, read-only,
+    no permission. Messages name `key`=`value` (default: the directory itself), e.g. work_dir=...
 
     Nothing is created: the check walks up to the first existing ancestor. (A full disk is only
     seen when a write fails; `atomic_write` reports it the same way.)
     """
     path = Path(path).expanduser().absolute()
+    shown = f"{key}={str(value if value is not None else path)!r}"
     blocker = _first_file_on(path)
     if blocker is not None:
-        raise StorageError(f"{key}={str(path)!r} is under {str(blocker)!r}, which is a file, not a directory; "
-                           f"set {key}= to a directory")
+        raise StorageError(f"{shown} is under {str(blocker)!r}, which is a file, not a directory; "
+                           f"set {key}= to a path in a directory")
     existing = path
     while not existing.exists():
         existing = existing.parent
@@ -110,11 +114,9 @@ def check_writable_dir(path: Path, key: str = "work_dir") -> None:
     except (OSError, AttributeError):  # no statvfs (Windows): rely on os.access
         pass
     if read_only:
-        raise StorageError(f"{key}={str(path)!r} is on a read-only file system ({existing}); "
-                           f"set {key}= to a writable directory")
+        raise StorageError(f"{shown} is on a read-only file system ({existing}); set {key}= to a writable directory")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise StorageError(f"{key}={str(path)!r} is not writable ({existing}: permission denied); "
-                           f"set {key}= to a writable directory")
+        raise StorageError(f"{shown} is not writable ({existing}: permission denied); set {key}= to a writable directory")
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:

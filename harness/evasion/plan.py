@@ -135,6 +135,21 @@ def _show(value: Any) -> str:
     return "null" if value is None else str(value)
 
 
+def _check_board_path(board: Any) -> None:
+    """`leaderboard.path` must name a file the board can be written to (when the config has a
+    leaderboard section, as `arena eval`'s does, and updates it)."""
+    if board is None:
+        return  # library use: the caller builds no board
+    board = dict(board)
+    if board.get("update", True) is False:
+        return
+    path = board.get("path")
+    if path in (None, "") or str(path).endswith(("/", "\\")) or Path(str(path)).is_dir():
+        raise UserError(f"leaderboard.path={_show(path) or chr(39) * 2} must name a CSV file "
+                        f"(e.g. leaderboard.path=arena-work/leaderboard/evasion.csv), or set leaderboard.update=false")
+    check_writable_dir(Path(str(path)).parent, key="leaderboard.path", value=path)
+
+
 SEED_MAX = 2**63 - 1  # torch.manual_seed and numpy's generators take any seed in 0..2**63-1
 
 
@@ -154,7 +169,11 @@ def plan_evaluation(cfg: dict[str, Any]) -> EvalPlan:
         raise UserError(f"batch_size={batch_size} must be > 0 (e.g. batch_size=250)")
     work_dir = Path(str(cfg.get("work_dir", "arena-work")))
     check_writable_dir(work_dir)
-    device = resolve_device(str(cfg.get("device", "auto")))
+    _check_board_path(cfg.get("leaderboard"))
+    device_name = cfg.get("device", "auto")
+    if device_name is None:
+        raise UserError("device=null is not a device; use auto, cpu or cuda[:N]")
+    device = resolve_device(str(device_name))
     threat_cfg = dict(cfg.get("threat") or {})
     threat = ThreatModel(norm=str(threat_cfg.get("norm", "Linf")), eps=threat_cfg.get("eps", 0.3))
     suite_name, specs = suite_specs(cfg)
@@ -171,7 +190,9 @@ def plan_evaluation(cfg: dict[str, Any]) -> EvalPlan:
     draws = int_setting(ev.get("draws", 10), "evaluator.draws", 10)
     if draws < 1:
         raise UserError(f"evaluator.draws={draws} must be >= 1")
-    cascade = bool(ev.get("cascade", True))
+    cascade = ev.get("cascade", True)
+    if not isinstance(cascade, bool):
+        raise UserError(f"evaluator.cascade={_show(cascade)} must be true or false")
     semantic = {
         "dataset": {**semantic_part(cfg.get("dataset")), "eval_ids": eval_ids, "eval_data": eval_data},
         "model": semantic_part(cfg.get("model")),

@@ -20,6 +20,8 @@ from typing import Any
 
 import pandas as pd
 
+from harness.core.atomic import atomic_write, ensure_dir
+
 
 def _plt():
     import matplotlib
@@ -95,7 +97,7 @@ def plot_acc_vs_eps(board: pd.DataFrame, runs: list[tuple[Any, dict, dict, pd.Da
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))  # a reader never sees half a PNG
     plt.close(fig)
     return out
 
@@ -130,7 +132,7 @@ def plot_queries_to_success(runs: list[tuple[Any, dict, dict, pd.DataFrame]], ou
         ax.legend(fontsize=7)
     ax.set_title("black-box attacks: queries to success")
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))  # a reader never sees half a PNG
     plt.close(fig)
     return out
 
@@ -161,7 +163,7 @@ def plot_convergence(runs: list[tuple[Any, dict, dict, pd.DataFrame]], out: Path
         ax.legend(fontsize=7)
     ax.set_title("attack convergence (health-report PGD probe)")
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))  # a reader never sees half a PNG
     plt.close(fig)
     return out
 
@@ -170,8 +172,7 @@ def write_plots(work_dirs: list[Path], out_dir: Path | str, board: pd.DataFrame 
     """Write the three PNGs into `out_dir`; `board` defaults to the leaderboard built from the runs."""
     from harness.evasion.board import build_table
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_dir(Path(out_dir), for_file=Path(out_dir) / "robust_acc_vs_eps.png")
     runs = _runs(work_dirs)
     board = build_table([Path(w) for w in work_dirs]) if board is None else board
     return [
