@@ -9,10 +9,12 @@ the clock and would make runs irreproducible.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from harness.core import progress
 from harness.core.attack import Attack, AttackResult, register
 from harness.core.access import Capability, ModelAccess
 from harness.core.errors import UserError
@@ -23,6 +25,7 @@ COMPONENTS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
 
 
 @register("autoattack")
+@dataclass
 class AutoAttackRef(Attack):
     """Reference AutoAttack (Croce & Hein 2020).
 
@@ -36,11 +39,17 @@ class AutoAttackRef(Attack):
 
     requires = Capability.GRADIENTS
 
-    def __init__(self, version: str = "standard", attacks: list[str] | None = None, n_iter: int | None = None,
-                 n_target_classes: int | None = None, square_queries: int | None = None) -> None:
+    version: str = "standard"
+    attacks: list[str] | None = None
+    n_iter: int | None = None
+    n_target_classes: int | None = None
+    square_queries: int | None = None
+
+    def validate(self) -> None:
+        version = self.version
         if version not in VERSIONS:
             raise UserError(f"autoattack version={version!r} unknown; use one of: {', '.join(VERSIONS)}")
-        attacks = list(attacks) if attacks else None
+        attacks = list(self.attacks) if self.attacks else None
         if version == "custom" and not attacks:
             raise UserError("autoattack version=custom needs attacks=[...] from: " + ", ".join(COMPONENTS))
         if attacks and version != "custom":
@@ -48,11 +57,7 @@ class AutoAttackRef(Attack):
         for a in attacks or []:
             if a not in COMPONENTS:
                 raise UserError(f"autoattack component {a!r} unknown; use: {', '.join(COMPONENTS)}")
-        self.version = version
         self.attacks = attacks
-        self.n_iter = n_iter
-        self.n_target_classes = n_target_classes
-        self.square_queries = square_queries
 
     def _build(self, model: torch.nn.Module, threat: ThreatModel, seed: int, device: torch.device, num_classes: int) -> Any:
         from pyautoattack import AutoAttack
@@ -93,5 +98,6 @@ class AutoAttackRef(Attack):
             robust[idx[fooled]] = False
             for i in idx[fooled].tolist():
                 stage[i] = comp
+            progress.substage(comp, int(robust.sum()), int(x.shape[0]))  # robust accuracy per component, as it goes
         return AttackResult(x_adv, stage=stage, extras={"components": components})
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -243,6 +244,7 @@ def merge_stage_curves(curves: list[list[dict[str, Any]]], n_total: int | None =
 
 
 @register("lafeat")
+@dataclass
 class Lafeat(Attack):
     """LAFEAT with a trained feature head (see module docstring).
 
@@ -265,45 +267,43 @@ class Lafeat(Attack):
 
     requires = Capability.FEATURES
 
-    def __init__(
-        self, layer: str | None = None, head: str = "conv", head_epochs: int = 50, head_batch_size: int = 128,
-        head_lr: float = 1e-3, head_weight_decay: float = 0.0, head_augment: str = "auto", iterations: int = 20,
-        betas: list[float] | None = None, targets: int = 9, targeted_betas: list[float] | tuple[float, ...] | None = (0.4,),
-        targeted_iterations: int | None = None, restarts: int = 1, batch_size: int = 500,
-        order_by_margin: bool = True, eot: int = 1,
-    ) -> None:
+    layer: str | None = None
+    head: str = "conv"
+    head_epochs: int = 50
+    head_batch_size: int = 128
+    head_lr: float = 1e-3
+    head_weight_decay: float = 0.0
+    head_augment: str = "auto"
+    iterations: int = 20
+    betas: list[float] | None = None
+    targets: int = 9
+    targeted_betas: list[float] | None = field(default_factory=lambda: [0.4])
+    targeted_iterations: int | None = None
+    restarts: int = 1
+    batch_size: int = 500
+    order_by_margin: bool = True
+    eot: int = 1
+
+    def validate(self) -> None:
+        head, head_augment, targets = self.head, self.head_augment, self.targets
         if head not in HEADS:
             raise UserError(f"lafeat head={head!r} unknown; use one of: {', '.join(HEADS)}")
         if head_augment not in AUGMENTS:
             raise UserError(f"lafeat head_augment={head_augment!r} unknown; use one of: {', '.join(AUGMENTS)}")
-        for key, value in (("iterations", iterations), ("restarts", restarts), ("batch_size", batch_size),
-                           ("head_batch_size", head_batch_size), ("eot", eot)):
+        for key in ("iterations", "restarts", "batch_size", "head_batch_size", "eot"):
+            value = getattr(self, key)
             if int(value) < 1:
                 raise UserError(f"lafeat {key}={value} must be >= 1")
-        if head_epochs < 0 or targets < 0 or (targeted_iterations is not None and targeted_iterations < 1):
+        if self.head_epochs < 0 or targets < 0 or (self.targeted_iterations is not None and self.targeted_iterations < 1):
             raise UserError("lafeat head_epochs and targets must be >= 0 and targeted_iterations >= 1")
-        betas = REFERENCE_BETAS if betas is None else [float(b) for b in betas]
-        targeted_betas = betas if targeted_betas is None else [float(b) for b in targeted_betas]
+        betas = REFERENCE_BETAS if self.betas is None else [float(b) for b in self.betas]
+        targeted_betas = betas if self.targeted_betas is None else [float(b) for b in self.targeted_betas]
         for b in betas + targeted_betas:
             if not 0.0 <= b <= 1.0:
                 raise UserError(f"lafeat beta {b} is outside [0, 1]; betas mix head and final logits")
-        self.layer = layer  # resolved to a concrete name by prepare()
-        self._layer_request = layer
-        self.head = head
-        self.head_epochs = int(head_epochs)
-        self.head_batch_size = int(head_batch_size)
-        self.head_lr = float(head_lr)
-        self.head_weight_decay = float(head_weight_decay)
-        self.head_augment = head_augment
-        self.iterations = int(iterations)
+        self._layer_request = self.layer  # resolved to a concrete name by prepare()
         self.betas = betas
-        self.targets = int(targets)
         self.targeted_betas = targeted_betas
-        self.targeted_iterations = int(targeted_iterations) if targeted_iterations is not None else None
-        self.restarts = int(restarts)
-        self.batch_size = int(batch_size)
-        self.order_by_margin = bool(order_by_margin)
-        self.eot = int(eot)
         self._head: nn.Module | None = None
 
     # ---- head ----------------------------------------------------------------------------------

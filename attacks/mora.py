@@ -26,6 +26,7 @@ the targeted stage without reweighing).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -121,6 +122,7 @@ def step_size(eps: float, i: int, n_iter: int, decay: str) -> float:
 
 
 @register("mora")
+@dataclass
 class MORA(Attack):
     """Model-reweighing attack on ensembles (needs `Capability.ENSEMBLE`).
 
@@ -141,40 +143,32 @@ class MORA(Attack):
 
     requires = Capability.ENSEMBLE
 
-    def __init__(
-        self,
-        n_iter: int = 100,
-        scales: Sequence[float] = (0.5, 0.0, 0.25, 0.75, 1.0),
-        targeted: bool = True,
-        n_target_classes: int = 9,
-        target_scale: float | None = None,
-        decay: str = "cosine",
-        momentum: float = 0.25,
-        tau: float | None = None,
-        reference_quirks: bool = False,
-        exit_every: int = 1,
-    ) -> None:
+    n_iter: int = 100
+    scales: list[float] = field(default_factory=lambda: [0.5, 0.0, 0.25, 0.75, 1.0])
+    targeted: bool = True
+    n_target_classes: int = 9
+    target_scale: float | None = None
+    decay: str = "cosine"
+    momentum: float = 0.25
+    tau: float | None = None
+    reference_quirks: bool = False
+    exit_every: int = 1
+
+    def validate(self) -> None:
+        n_iter, decay, momentum, exit_every = self.n_iter, self.decay, self.momentum, self.exit_every
+        target_scale = self.target_scale
         if int(n_iter) < 1:
             raise UserError(f"attack.n_iter={n_iter} must be >= 1")
         if decay not in DECAYS:
             raise UserError(f"attack.decay={decay!r} unknown; use one of: {', '.join(DECAYS)}")
-        scales = [float(s) for s in scales]
+        scales = [float(s) for s in self.scales]
         if any(not 0.0 <= s <= 1.0 for s in scales) or (target_scale is not None and not 0 <= target_scale <= 1):
             raise UserError(f"attack.scales={scales} / target_scale={target_scale} must lie in [0, 1]")
         if not 0.0 <= momentum < 1.0:
             raise UserError(f"attack.momentum={momentum} must be in [0, 1)")
         if int(exit_every) < 1:
             raise UserError(f"attack.exit_every={exit_every} must be >= 1")
-        self.n_iter = int(n_iter)
         self.scales = scales
-        self.targeted = bool(targeted)
-        self.n_target_classes = int(n_target_classes)
-        self.target_scale = None if target_scale is None else float(target_scale)
-        self.decay = decay
-        self.momentum = float(momentum)
-        self.tau = None if tau is None else float(tau)
-        self.reference_quirks = bool(reference_quirks)
-        self.exit_every = int(exit_every)
 
     # ------------------------------------------------------------------------------------------
     def _objective(self, z: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None, s: float,

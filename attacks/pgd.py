@@ -8,6 +8,8 @@ along the way is lost. No host synchronisation inside the loop.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from harness.core.attack import Attack, AttackResult, register
@@ -34,6 +36,7 @@ def random_start(x: torch.Tensor, threat: ThreatModel, gen: torch.Generator) -> 
 
 
 @register("pgd")
+@dataclass
 class PGD(Attack):
     """Projected gradient descent with restarts.
 
@@ -48,18 +51,21 @@ class PGD(Attack):
 
     requires = Capability.GRADIENTS
 
-    def __init__(self, steps: int = 20, step_size: float | None = None, restarts: int = 1, loss: str = "ce",
-                 random_start: bool = True, eot: int = 1) -> None:
+    steps: int = 20
+    step_size: float | None = None
+    restarts: int = 1
+    loss: str = "ce"
+    random_start: bool = True
+    eot: int = 1
+
+    def validate(self) -> None:
+        steps, restarts, eot = self.steps, self.restarts, self.eot
         if steps < 1 or restarts < 1 or eot < 1:
             raise UserError(f"pgd needs steps, restarts and eot >= 1 (got steps={steps}, restarts={restarts}, eot={eot})")
-        if loss not in LOSSES:
-            raise UserError(f"pgd loss={loss!r} unknown; use one of: {', '.join(LOSSES)}")
-        self.steps = int(steps)
-        self.step_size = float(step_size) if step_size is not None else 2.5 / self.steps
-        self.restarts = int(restarts)
-        self.loss = loss
-        self.random_start = bool(random_start)
-        self.eot = int(eot)
+        if self.loss not in LOSSES:
+            raise UserError(f"pgd loss={self.loss!r} unknown; use one of: {', '.join(LOSSES)}")
+        if self.step_size is None:
+            self.step_size = 2.5 / self.steps
 
     def run(self, access: ModelAccess, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel,
             generator: torch.Generator) -> AttackResult:

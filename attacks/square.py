@@ -17,6 +17,7 @@ If the oracle returns probabilities, Square gets their logarithm (same margins a
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -64,23 +65,25 @@ class _OracleRouter:
 
 
 @register("square")
+@dataclass
 class Square(Attack):
     """pyautoattack's Square Attack (margin loss, one restart) under a per-sample query budget."""
 
     requires: ClassVar[Capability] = Capability.SCORES
 
-    def __init__(self, budget: int = 10_000, p_init: float = 0.8, output: str = "probs",
-                 rescale_schedule: bool = True) -> None:
+    budget: int = 10_000
+    p_init: float = 0.8
+    output: str = "probs"
+    rescale_schedule: bool = True
+
+    def validate(self) -> None:
+        budget, p_init, output = self.budget, self.p_init, self.output
         if not isinstance(budget, int) or budget < 2:
             raise UserError(f"square budget={budget!r} must be an integer >= 2 (queries per sample)")
         if not 0 < p_init <= 1:
             raise UserError(f"square p_init={p_init!r} must be in (0, 1]")
         if output not in OUTPUTS:
             raise choices_error("oracle output", output, OUTPUTS)
-        self.budget = budget
-        self.p_init = float(p_init)
-        self.output = output
-        self.rescale_schedule = bool(rescale_schedule)
 
     def run(self, access: QueryOracle, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel,
             generator: torch.Generator) -> AttackResult:

@@ -14,6 +14,8 @@ iteration (probes, then one query of the updated point) and the same per-sample 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from harness.core.attack import register
@@ -24,26 +26,19 @@ NES_LOSSES = ("ce", "margin")
 
 
 @register("zo_sgd")
+@dataclass
 class ZOSGD(ZOAttack):
     """Zeroth-order sign-free gradient descent with ZO-NGD's estimator and no preconditioning."""
 
-    def __init__(
-        self,
-        q: int = 30,
-        mu: float = 10.0,
-        eta: float = 0.02,
-        iterations: int | None = 100,
-        budget: int = 10_000,
-        output: str = "probs",
-        kappa: float = 0.0,
-        clip_queries: bool = False,
-    ) -> None:
-        super().__init__(q, iterations, budget, output, kappa, clip_queries)
-        for key, val in (("mu", mu), ("eta", eta)):
+    mu: float = 10.0
+    eta: float = 0.02
+
+    def validate(self) -> None:
+        super().validate()
+        for key in ("mu", "eta"):
+            val = getattr(self, key)
             if not isinstance(val, (int, float)) or not val > 0:
                 raise UserError(f"zo_sgd {key}={val!r} must be > 0")
-        self.mu = float(mu)
-        self.eta = float(eta)
 
     def probe_points(self, xa: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor:
         return xa.unsqueeze(1) + self.mu * dirs
@@ -55,33 +50,26 @@ class ZOSGD(ZOAttack):
 
 
 @register("nes")
+@dataclass
 class NES(ZOAttack):
     """NES gradient estimation with antithetic sampling and projected signed steps."""
 
-    def __init__(
-        self,
-        q: int = 50,
-        sigma: float = 1e-3,
-        step_size: float = 0.2,
-        momentum: float = 0.9,
-        loss: str = "ce",
-        iterations: int | None = None,
-        budget: int = 10_000,
-        output: str = "probs",
-        kappa: float = 0.0,
-        clip_queries: bool = False,
-    ) -> None:
-        super().__init__(q, iterations, budget, output, kappa, clip_queries)
+    q: int = 50
+    sigma: float = 1e-3
+    step_size: float = 0.2
+    momentum: float = 0.9
+    loss: str = "ce"
+    iterations: int | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        q, sigma, step_size, momentum = self.q, self.sigma, self.step_size, self.momentum
         if q % 2:
             raise UserError(f"nes q={q} must be even (antithetic pairs)")
-        if loss not in NES_LOSSES:
-            raise choices_error("nes loss", loss, NES_LOSSES)
+        if self.loss not in NES_LOSSES:
+            raise choices_error("nes loss", self.loss, NES_LOSSES)
         if not sigma > 0 or not step_size > 0 or not 0 <= momentum < 1:
             raise UserError(f"nes needs sigma>0, step_size>0, 0<=momentum<1; got {sigma}, {step_size}, {momentum}")
-        self.sigma = float(sigma)
-        self.step_size = float(step_size)
-        self.momentum = float(momentum)
-        self.loss = loss
 
     def draw(self, b, d, generator, device):
         return torch.randn((b, self.q // 2, d), generator=generator, device=generator.device).to(device)

@@ -35,6 +35,7 @@ so every score-based attack here shares one loop, one query accounting and one s
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -101,6 +102,7 @@ def zo_gradient(values: torch.Tensor, base: torch.Tensor, dirs: torch.Tensor, mu
 
 
 # ------------------------------------------------------------------------------ shared driver
+@dataclass
 class ZOAttack(Attack):
     """Score-based attack loop shared by ZO-NGD, ZO-SGD and NES.
 
@@ -112,15 +114,15 @@ class ZOAttack(Attack):
 
     requires: ClassVar[Capability] = Capability.SCORES
 
-    def __init__(
-        self,
-        q: int,
-        iterations: int | None,
-        budget: int,
-        output: str,
-        kappa: float,
-        clip_queries: bool,
-    ) -> None:
+    q: int = 30
+    iterations: int | None = 100
+    budget: int = 10_000
+    output: str = "probs"
+    kappa: float = 0.0
+    clip_queries: bool = False
+
+    def validate(self) -> None:
+        q, iterations, budget, output = self.q, self.iterations, self.budget, self.output
         if not isinstance(q, int) or q < 1:
             raise UserError(f"q={q!r} must be a positive integer (directions per iteration)")
         if iterations is not None and (not isinstance(iterations, int) or iterations < 0):
@@ -129,12 +131,6 @@ class ZOAttack(Attack):
             raise UserError(f"budget={budget!r} must be a positive integer (queries per sample)")
         if output not in OUTPUTS:
             raise choices_error("oracle output", output, OUTPUTS)
-        self.q = q
-        self.iterations = iterations
-        self.budget = budget
-        self.output = output
-        self.kappa = float(kappa)
-        self.clip_queries = bool(clip_queries)
 
     # hooks ------------------------------------------------------------------------------------
     @property
@@ -213,39 +209,29 @@ class ZOAttack(Attack):
 
 
 @register("zo_ngd")
+@dataclass
 class ZONGD(ZOAttack):
     """ZO-NGD. Defaults are the reference code's CIFAR-10 settings (`attack_batch2`):
     q=30, mu=10, eta=1e-3, lam=1e-3, rank-one Fisher, 100 iterations.
     The reference's MNIST path is q=40, mu=1, eta=4e-4, lam=5e-6, fisher=two_class.
     """
 
-    def __init__(
-        self,
-        q: int = 30,
-        mu: float = 10.0,
-        eta: float = 1e-3,
-        lam: float = 1e-3,
-        fisher: str = "rank1",
-        iterations: int | None = 100,
-        budget: int = 10_000,
-        output: str = "probs",
-        kappa: float = 0.0,
-        clip_queries: bool = False,
-        loss: str = "hinge",
-    ) -> None:
-        super().__init__(q, iterations, budget, output, kappa, clip_queries)
-        if loss not in LOSSES:
-            raise choices_error("zo_ngd loss", loss, LOSSES)
-        if fisher not in FISHERS:
-            raise choices_error("zo_ngd fisher", fisher, FISHERS)
-        for key, val in (("mu", mu), ("eta", eta), ("lam", lam)):
+    mu: float = 10.0
+    eta: float = 1e-3
+    lam: float = 1e-3
+    fisher: str = "rank1"
+    loss: str = "hinge"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.loss not in LOSSES:
+            raise choices_error("zo_ngd loss", self.loss, LOSSES)
+        if self.fisher not in FISHERS:
+            raise choices_error("zo_ngd fisher", self.fisher, FISHERS)
+        for key in ("mu", "eta", "lam"):
+            val = getattr(self, key)
             if not isinstance(val, (int, float)) or not val > 0:
                 raise UserError(f"zo_ngd {key}={val!r} must be > 0")
-        self.mu = float(mu)
-        self.eta = float(eta)
-        self.lam = float(lam)
-        self.fisher = fisher
-        self.loss = loss
 
     def probe_points(self, xa: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor:
         return xa.unsqueeze(1) + self.mu * dirs

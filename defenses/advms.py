@@ -25,17 +25,19 @@ them: a block-0 channel is a whole base network), so a sweep over S trains each 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from harness.core.defense import BuildContext, Defense, register
-from defenses.pgd_at import add_input_gradient_passes, at_loss, check_at_params, seeded_model
-from defenses.standard import train_defended
+from defenses.pgd_at import add_input_gradient_passes, at_loss, check_at_params, collapse_notes, seeded_model
+from defenses.standard import SGD_RECIPE, recipe, train_defended
 from defenses.switching import MODES, Chain, ExpectedModel, FixedPaths, RandomSwitching, split_model
 from harness.core.classifier import Classifier
 from harness.core.errors import UserError
+from harness.core.registry import follows, plain
 from harness.data.training import TrainConfig
 
 
@@ -75,6 +77,7 @@ def channel_seed(seed: int, block: int, channel: int) -> int:
 
 
 @register("advms")
+@dataclass
 class AdvMS(Defense):
     """Adversarially trained random model switching.
 
@@ -82,45 +85,49 @@ class AdvMS(Defense):
         blocks: B, the number of switching blocks (1 = flat switching among S whole models).
         channels: S, channels per block (an int, or a list of B ints).
         switching: batch (one path per forward call, the HRS reference) | sample (one per sample).
-        eps, norm, steps, step_size, random_start: the channels' PGD-AT (step_size relative to eps).
+        eps, norm, steps, step_size, random_start: the channels' PGD-AT (step_size relative to eps;
+            eps and norm unset = the evaluation's threat).
         fixed_seed: seed of the `fixed` view (the fixed-randomness control).
         max_expected_paths: build the exact `expected` view when the path count is at most this.
         train: TrainConfig fields for each channel's training.
     """
 
-    def __init__(self, blocks: int = 1, channels: int | list[int] = 3, switching: str = "batch",
-                 eps: float = 0.3, norm: str = "Linf", steps: int = 10, step_size: float = 0.25,
-                 random_start: bool = True, fixed_seed: int = 1234, max_expected_paths: int = 100,
-                 train: dict[str, Any] | None = None) -> None:
+    blocks: int = 1
+    channels: int | list[int] = 3
+    switching: str = "batch"
+    eps: float | None = follows("threat.eps")
+    norm: str | None = follows("threat.norm")
+    steps: int = 5
+    step_size: float = 0.5
+    random_start: bool = True
+    fixed_seed: int = 1234
+    max_expected_paths: int = 100
+    train: TrainConfig = recipe(**SGD_RECIPE)
+
+    def validate(self) -> None:
+        blocks, channels = self.blocks, self.channels
         if int(blocks) < 1:
             raise UserError(f"defense 'advms': blocks={blocks} must be >= 1")
         chans = [int(channels)] * int(blocks) if isinstance(channels, (int, float, str)) else [int(c) for c in channels]
         if len(chans) != int(blocks) or any(c < 1 for c in chans):
             raise UserError(f"defense 'advms': channels={channels} must be a positive int or a list of {blocks} positive ints")
-        if switching not in MODES:
-            raise UserError(f"defense 'advms': switching={switching!r} unknown; use one of: {', '.join(MODES)}")
-        self.blocks = int(blocks)
+        if self.switching not in MODES:
+            raise UserError(f"defense 'advms': switching={self.switching!r} unknown; use one of: {', '.join(MODES)}")
         self.channels = chans
-        self.switching = switching
-        self.eps = float(eps)
-        self.norm = norm
-        self.steps = int(steps)
-        self.step_size = float(step_size)
-        self.random_start = bool(random_start)
-        self.fixed_seed = int(fixed_seed)
-        self.max_expected_paths = int(max_expected_paths)
-        self.train = dict(train or {})
-        self._threat = check_at_params("advms", self.eps, norm, self.steps, self.step_size)
-        self._train_cfg = TrainConfig.from_dict(self.train)
+        self._threat = check_at_params("advms", self.eps, self.norm, self.steps, self.step_size)
+
+    def notes(self, data_name: str) -> list[str]:
+        return collapse_notes(self.name, self.eps, self.norm, data_name, self.train.epochs)
 
     def _job(self, block: int, channel: int) -> _ChannelJob:
         params: dict[str, Any] = {"eps": self.eps, "norm": self.norm, "steps": self.steps, "step_size": self.step_size,
-                                  "random_start": self.random_start, "train": self.train, "block": block, "channel": channel}
+                                  "random_start": self.random_start, "train": plain(self.train), "block": block, "channel": channel}
         if block > 0:  # the lower blocks and the tail's shape matter only above block 0
             params.update(blocks=self.blocks, channels_below=self.channels[:block], switching=self.switching)
         return _ChannelJob(params)
 
     def build(self, ctx: BuildContext) -> Classifier:
+        self.follow_threat(ctx)
         arch = str(ctx.model_cfg.get("name"))
         loss = at_loss(self._threat, steps=self.steps, step_size=self.step_size, random_start=self.random_start)
         trained: list[list[nn.Module]] = []
@@ -139,7 +146,7 @@ class AdvMS(Defense):
                     lower = _Frozen(RandomSwitching(trained, self.switching))
                     temp = Chain(lower, *pieces[b:])
                 _, facts = train_defended(dataclasses.replace(ctx, seed=seed), self._job(b, c), loss_fn=loss,
-                                          train_cfg=self._train_cfg, module=temp)
+                                          train_cfg=self.train, module=temp)
                 facts = add_input_gradient_passes(facts, self.steps)
                 records.append({"block": b, "channel": c, "seed": seed, **facts})
                 block_channels.append(pieces[b])

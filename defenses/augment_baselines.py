@@ -16,14 +16,15 @@ of the global RNG):
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from harness.core.defense import BuildContext, Defense, register
-from defenses.standard import train_defended
+from defenses.standard import STANDARD_RECIPE, recipe, train_defended
 from harness.core.classifier import Classifier
 from harness.core.errors import UserError
 from harness.data.training import LossFn, TrainConfig
@@ -78,30 +79,31 @@ def mixed_ce(logits: torch.Tensor, ya: torch.Tensor, yb: torch.Tensor, share_b: 
             + share_b * F.cross_entropy(logits, yb, reduction="none")).mean()
 
 
+@dataclass
 class _Augmented(Defense):
     """Shared implementation: standard training with a loss built around one augmentation."""
 
-    def __init__(self, train: dict[str, Any] | None = None) -> None:
-        self.train = dict(train or {})
+    train: TrainConfig = recipe(**STANDARD_RECIPE)
 
     def make_loss(self, generator: torch.Generator) -> LossFn:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def build(self, ctx: BuildContext) -> Classifier:
         gen = torch.Generator(device=ctx.device).manual_seed(int(ctx.seed) + 104729)
-        module, facts = train_defended(ctx, self, loss_fn=self.make_loss(gen), train_cfg=TrainConfig.from_dict(self.train))
+        module, facts = train_defended(ctx, self, loss_fn=self.make_loss(gen), train_cfg=self.train)
         return Classifier(module, ctx.data.num_classes, ctx.data.input_shape, info=facts)
 
 
 @register("cutout")
+@dataclass
 class Cutout(_Augmented):
     """Standard training on cut-out images."""
 
-    def __init__(self, size: int | None = None, train: dict[str, Any] | None = None) -> None:
-        if size is not None and int(size) < 1:
-            raise UserError(f"defense.size={size} must be >= 1 pixels (16 on CIFAR; default half the image side)")
-        super().__init__(train)
-        self.size = None if size is None else int(size)
+    size: int | None = None
+
+    def validate(self) -> None:
+        if self.size is not None and int(self.size) < 1:
+            raise UserError(f"defense.size={self.size} must be >= 1 pixels (16 on CIFAR; default half the image side)")
 
     def make_loss(self, generator: torch.Generator) -> LossFn:
         def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epoch: int) -> torch.Tensor:
@@ -112,15 +114,18 @@ class Cutout(_Augmented):
 
 
 @register("mixup")
+@dataclass
 class Mixup(_Augmented):
     """Standard training on mixed pairs of images with mixed labels."""
 
-    def __init__(self, lambda_range: Sequence[float] = (0.0, 1.0), train: dict[str, Any] | None = None) -> None:
-        lo, hi = (float(v) for v in lambda_range)
+    lambda_range: list[float] = field(default_factory=lambda: [0.0, 1.0])
+
+    def validate(self) -> None:
+        if len(self.lambda_range) != 2:
+            raise UserError(f"defense.lambda_range={list(self.lambda_range)} must be two numbers [low, high]")
+        lo, hi = (float(v) for v in self.lambda_range)
         if not 0.0 <= lo <= hi <= 1.0:
-            raise UserError(f"defense.lambda_range={list(lambda_range)} must satisfy 0 <= low <= high <= 1")
-        super().__init__(train)
-        self.lambda_range = [lo, hi]
+            raise UserError(f"defense.lambda_range={list(self.lambda_range)} must satisfy 0 <= low <= high <= 1")
 
     def make_loss(self, generator: torch.Generator) -> LossFn:
         def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epoch: int) -> torch.Tensor:
@@ -131,6 +136,7 @@ class Mixup(_Augmented):
 
 
 @register("cutmix")
+@dataclass
 class Cutmix(_Augmented):
     """Standard training with a box of another image pasted in, labels weighted by area."""
 

@@ -6,8 +6,7 @@ is not trusted with the weights (it may unpickle anything), only `create()` is c
 """
 from __future__ import annotations
 
-import importlib.util
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,38 +17,17 @@ from harness.data.weights import load_into
 from harness.core.classifier import Classifier
 from harness.core.errors import UserError
 from harness.core.hashing import file_sha256
-from harness.data.models import build_model
-
-
-def import_model_file(path: Path) -> Any:
-    """Import a user's model file as a module (it must define `create()`)."""
-    if not path.is_file():
-        raise UserError(f"defense.model_file={str(path)!r} does not exist; give a .py file that defines create()")
-    name = f"arena_user_model_{abs(hash(str(path.resolve())))}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise UserError(f"defense.model_file={str(path)!r} is not an importable Python file")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except Exception as exc:
-        raise UserError(f"defense.model_file={str(path)!r} fails to import ({type(exc).__name__}: {exc})") from None
-    if not callable(getattr(module, "create", None)):
-        raise UserError(f"defense.model_file={str(path)!r} defines no create() returning the model")
-    return module
+from harness.data.models import build_model, import_model_file  # noqa: F401  (import_model_file: older home)
 
 
 @register("checkpoint")
+@dataclass
 class Checkpoint(Defense):
-    """A pretrained model evaluated as is."""
+    """A pretrained model evaluated as is (`label`, like every defense's, names it on the board)."""
 
-    def __init__(self, model_file: str | None = None, weights: str | None = None, randomized: bool = False,
-                 label: str | None = None) -> None:
-        self.model_file = model_file
-        self.weights = weights
-        self.randomized = randomized
-        self.label = label
+    model_file: str | None = None
+    weights: str | None = None
+    randomized: bool = False
 
     def build(self, ctx: BuildContext) -> Classifier:
         if self.model_file:
@@ -60,7 +38,10 @@ class Checkpoint(Defense):
             module = build_model(ctx.model_cfg, ctx.data.num_classes, ctx.data.input_shape)
         info: dict[str, Any] = {"model_file": self.model_file}
         if self.weights:
-            load_into(module, self.weights)
+            remapped: list[str] = []
+            load_into(module, self.weights, log=lambda line: (remapped.append(line), ctx.log(line)))
+            if remapped:
+                info["weights_remap"] = remapped[0]
             info["weights_sha256"] = file_sha256(Path(self.weights).expanduser())
         elif not self.model_file:
             raise UserError("defense=checkpoint needs defense.weights=FILE (and optionally defense.model_file=FILE.py)")

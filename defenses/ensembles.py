@@ -25,6 +25,7 @@ is the `model=` group; members differ by their initialisation seed.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,15 @@ from harness.core.errors import UserError
 from harness.core.hashing import stable_hash
 from harness.data.models import build_model
 from harness.data.training import TrainConfig
+
+# The ensembles' recipe (momentum is unused by Adam and left at its default).
+ENSEMBLE_RECIPE: dict[str, Any] = dict(epochs=5, batch_size=64, optimizer="adam", lr=0.003, weight_decay=0.0,
+                                       schedule="cosine", augment="none")
+
+
+def recipe(**values: Any) -> Any:
+    """A `train:` field whose default is ENSEMBLE_RECIPE with `values` changed (the YAML mirrors it)."""
+    return field(default_factory=lambda: TrainConfig(**{**ENSEMBLE_RECIPE, **values}))
 
 # Fields that only choose how the trained members are aggregated: not part of the weights' key.
 AGGREGATION_FIELDS = ("mode", "tie_break", "vote_sharpness")
@@ -158,23 +168,24 @@ def distill(member: nn.Module, layer: nn.Module, x_s: torch.Tensor, x_t: torch.T
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclass
 class EnsembleDefense(Defense):
     """Shared part: member construction, cached training through `loss`, the classifier."""
 
-    def __init__(self, members: int = 3, mode: str = "softmax", tie_break: str = "lowest",
-                 vote_sharpness: float = 10.0, train: dict[str, Any] | None = None) -> None:
+    members: int = 3
+    mode: str = "softmax"
+    tie_break: str = "lowest"
+    vote_sharpness: float = 10.0
+    train: TrainConfig = recipe()
+
+    def validate(self) -> None:
+        members, mode, tie_break = self.members, self.mode, self.tie_break
         if not isinstance(members, int) or members < 1:
             raise UserError(f"defense.members={members!r} must be an integer >= 1 (the number of ensemble members)")
         if mode not in MODES:
             raise UserError(f"defense.mode={mode!r} unknown; use one of: {', '.join(MODES)}")
         if tie_break not in TIE_BREAKS:
             raise UserError(f"defense.tie_break={tie_break!r} unknown; use one of: {', '.join(TIE_BREAKS)}")
-        self.members = members
-        self.mode = mode
-        self.tie_break = tie_break
-        self.vote_sharpness = float(vote_sharpness)
-        self.train = dict(train or {})
-        TrainConfig.from_dict(self.train)  # fail early on a bad recipe
 
     def describe(self) -> dict[str, Any]:
         """The weight-determining parameters (the training cache key): aggregation fields excluded."""
@@ -197,7 +208,7 @@ class EnsembleDefense(Defense):
         from defenses.standard import train_defended
 
         container = Ensemble(self.build_members(ctx), "softmax")
-        module, facts = train_defended(ctx, self, loss_fn=self.loss, train_cfg=TrainConfig.from_dict(self.train),
+        module, facts = train_defended(ctx, self, loss_fn=self.loss, train_cfg=self.train,
                                        module=container)
         return make_classifier(module, self.mode, ctx.data.num_classes, ctx.data.input_shape,
                                tie_break=self.tie_break, vote_sharpness=self.vote_sharpness,
@@ -205,20 +216,18 @@ class EnsembleDefense(Defense):
 
 
 @register("ensemble")
+@dataclass
 class IndependentEnsemble(EnsembleDefense):
     """Independent members: the sum of the members' cross-entropies (no diversity term)."""
 
 
 @register("adp")
+@dataclass
 class ADP(EnsembleDefense):
     """Adaptive Diversity Promoting: CE - alpha * ensemble entropy - beta * log-det diversity."""
 
-    def __init__(self, members: int = 3, mode: str = "softmax", tie_break: str = "lowest",
-                 vote_sharpness: float = 10.0, train: dict[str, Any] | None = None,
-                 alpha: float = 2.0, beta: float = 0.5) -> None:
-        super().__init__(members, mode, tie_break, vote_sharpness, train)
-        self.alpha = float(alpha)
-        self.beta = float(beta)
+    alpha: float = 2.0
+    beta: float = 0.5
 
     def loss(self, model, x, y, epoch):
         z = member_logits(model, x)
@@ -227,16 +236,14 @@ class ADP(EnsembleDefense):
 
 
 @register("gal")
+@dataclass
 class GAL(EnsembleDefense):
     """Gradient Alignment Loss: CE + lam * log sum_{i<j} exp(cos(grad_i, grad_j))."""
 
-    def __init__(self, members: int = 3, mode: str = "softmax", tie_break: str = "lowest",
-                 vote_sharpness: float = 10.0, train: dict[str, Any] | None = None,
-                 lam: float = 0.5, noise_std: float = 0.045, noise_p: float = 0.5) -> None:
-        super().__init__(members, mode, tie_break, vote_sharpness, train)
-        self.lam = float(lam)
-        self.noise_std = float(noise_std)
-        self.noise_p = float(noise_p)
+    train: TrainConfig = recipe(epochs=2)
+    lam: float = 0.5
+    noise_std: float = 0.045
+    noise_p: float = 0.5
 
     def loss(self, model, x, y, epoch):
         if self.noise_std > 0 and self.noise_p > 0:  # Gaussian-noise augmentation (global RNG, seeded by train())
@@ -249,20 +256,17 @@ class GAL(EnsembleDefense):
 
 
 @register("trs")
+@dataclass
 class TRS(EnsembleDefense):
     """Transferability Reduced Smooth: CE + L_sim * mean |cos| + L_smooth * mean 2||grad||^2."""
 
-    def __init__(self, members: int = 3, mode: str = "softmax", tie_break: str = "lowest",
-                 vote_sharpness: float = 10.0, train: dict[str, Any] | None = None,
-                 l_sim: float = 10.0, l_smooth: float = 10.0, plus_adv: bool = False, init_eps: float = 0.1,
-                 adv_eps: float = 0.2, pgd_steps: int = 6) -> None:
-        super().__init__(members, mode, tie_break, vote_sharpness, train)
-        self.l_sim = float(l_sim)
-        self.l_smooth = float(l_smooth)
-        self.plus_adv = bool(plus_adv)
-        self.init_eps = float(init_eps)
-        self.adv_eps = float(adv_eps)
-        self.pgd_steps = int(pgd_steps)
+    train: TrainConfig = recipe(epochs=2)
+    l_sim: float = 10.0
+    l_smooth: float = 10.0
+    plus_adv: bool = False
+    init_eps: float = 0.1
+    adv_eps: float = 0.2
+    pgd_steps: int = 6
 
     def _gradient_pgd(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
         """PGD that maximises the members' mean squared input-gradient norm (step eps/3, random start)."""
@@ -281,7 +285,7 @@ class TRS(EnsembleDefense):
         losses, grads = input_gradients(model, x, y)
         cos = pairwise_cosines(grads).abs().mean() if grads.shape[0] > 1 else losses.new_zeros(())
         if self.plus_adv:  # eps annealed linearly from init_eps to adv_eps over training
-            epochs = max(int(self.train.get("epochs", 1)), 1)
+            epochs = max(int(self.train.epochs), 1)
             eps = (self.adv_eps - self.init_eps) * epoch / epochs + self.init_eps
             half = x.shape[0] // 2
             mixed = torch.cat([x[:half], self._gradient_pgd(model, x[half:], y[half:], eps)])
@@ -293,6 +297,7 @@ class TRS(EnsembleDefense):
 
 
 @register("dverge")
+@dataclass
 class DVERGE(EnsembleDefense):
     """Diversifying vulnerabilities: each member learns the others' distilled non-robust features.
 
@@ -302,18 +307,17 @@ class DVERGE(EnsembleDefense):
     `--distill-fixed-layer`.
     """
 
-    def __init__(self, members: int = 3, mode: str = "softmax", tie_break: str = "lowest",
-                 vote_sharpness: float = 10.0, train: dict[str, Any] | None = None,
-                 eps: float = 0.07, alpha: float = 0.007, steps: int = 10, layer: int | None = None,
-                 warmup_epochs: int = 0) -> None:
-        super().__init__(members, mode, tie_break, vote_sharpness, train)
+    train: TrainConfig = recipe(epochs=2)
+    eps: float = 0.07
+    alpha: float = 0.007
+    steps: int = 10
+    layer: int | None = None
+    warmup_epochs: int = 1
+
+    def validate(self) -> None:
+        super().validate()
         if self.members < 2:
             raise UserError("defense=dverge needs defense.members >= 2 (members learn from each other)")
-        self.eps = float(eps)
-        self.alpha = float(alpha)
-        self.steps = int(steps)
-        self.layer = layer
-        self.warmup_epochs = int(warmup_epochs)
 
     def tap_index(self, member: nn.Module, epoch: int) -> int:
         taps = feature_taps(member)
@@ -350,6 +354,7 @@ class DVERGE(EnsembleDefense):
 
 
 @register("ensemble_checkpoint")
+@dataclass
 class EnsembleCheckpoint(Defense):
     """Members assembled from given files: each entry `{model_file: FILE.py, weights: FILE}`.
 
@@ -358,21 +363,19 @@ class EnsembleCheckpoint(Defense):
     differ in architecture and normalisation.
     """
 
-    def __init__(self, members: list[dict[str, Any]] | None = None, mode: str = "softmax", tie_break: str = "lowest",
-                 vote_sharpness: float = 10.0, label: str | None = None) -> None:
-        members = [dict(m) for m in (members or [])]
-        if mode not in MODES:
-            raise UserError(f"defense.mode={mode!r} unknown; use one of: {', '.join(MODES)}")
-        if tie_break not in TIE_BREAKS:
-            raise UserError(f"defense.tie_break={tie_break!r} unknown; use one of: {', '.join(TIE_BREAKS)}")
-        self.members = members
-        self.mode = mode
-        self.tie_break = tie_break
-        self.vote_sharpness = float(vote_sharpness)
-        self.label = label
+    members: list[dict[str, Any]] = field(default_factory=list)
+    mode: str = "softmax"
+    tie_break: str = "lowest"
+    vote_sharpness: float = 10.0
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise UserError(f"defense.mode={self.mode!r} unknown; use one of: {', '.join(MODES)}")
+        if self.tie_break not in TIE_BREAKS:
+            raise UserError(f"defense.tie_break={self.tie_break!r} unknown; use one of: {', '.join(TIE_BREAKS)}")
 
     def build(self, ctx: BuildContext) -> Classifier:
-        from defenses.checkpoint import import_model_file
+        from harness.data.models import import_model_file
         from harness.data.weights import load_into
         from harness.core.hashing import file_sha256
 
@@ -398,7 +401,7 @@ class EnsembleCheckpoint(Defense):
                 module = build_model(ctx.model_cfg, ctx.data.num_classes, ctx.data.input_shape)
             fact: dict[str, Any] = {"model_file": spec.get("model_file")}
             if spec.get("weights"):
-                load_into(module, spec["weights"])
+                load_into(module, spec["weights"], log=ctx.log)
                 fact["weights_sha256"] = file_sha256(Path(str(spec["weights"])).expanduser())
             modules.append(module.to(ctx.device).eval())
             facts.append(fact)

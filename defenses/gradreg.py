@@ -26,6 +26,7 @@ train-mode forward; a model without BatchNorm (small_cnn) shares one forward. `s
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,7 +35,7 @@ from torch import nn
 
 from harness.core.defense import BuildContext, Defense, register
 from defenses.pgd_at import add_input_gradient_passes, seeded_model
-from defenses.standard import train_defended
+from defenses.standard import SGD_RECIPE, recipe, train_defended
 from harness.core.classifier import Classifier
 from harness.core.errors import UserError
 from harness.data.training import LossFn, TrainConfig
@@ -110,6 +111,7 @@ def _parse_p(p: Any) -> float:
 
 
 @register("gradreg")
+@dataclass
 class GradReg(Defense):
     """Adversarial-gradient regularisation by double back-propagation.
 
@@ -120,34 +122,34 @@ class GradReg(Defense):
         variant: plain (the paper's regulariser) | scale_invariant (ours, see module docstring).
         margin_c: the scale-invariant variant's offset c in ||g|| / (|margin| + c).
         penalty_forward: auto | shared | eval (see module docstring; only matters with BatchNorm).
-        train: TrainConfig fields (same recipe as the standard baseline for a fair comparison).
+        train: the training recipe (TrainConfig; the same as pgd_at's for a fair comparison).
     """
 
-    def __init__(self, lam: float = 1.0, p: float | str = 2, r: float = 2.0, variant: str = "plain",
-                 margin_c: float = 1.0, penalty_forward: str = "auto", train: dict[str, Any] | None = None) -> None:
-        if variant not in VARIANTS:
-            raise UserError(f"defense 'gradreg': variant={variant!r} unknown; use one of: {', '.join(VARIANTS)}")
-        if penalty_forward not in PENALTY_FORWARDS:
-            raise UserError(f"defense 'gradreg': penalty_forward={penalty_forward!r} unknown; use one of: {', '.join(PENALTY_FORWARDS)}")
-        if not float(lam) >= 0:
-            raise UserError(f"defense 'gradreg': lam={lam} must be >= 0")
-        if not float(r) > 0:
-            raise UserError(f"defense 'gradreg': r={r} must be > 0")
-        if not float(margin_c) > 0:
-            raise UserError(f"defense 'gradreg': margin_c={margin_c} must be > 0")
-        self.lam = float(lam)
-        self.p = "inf" if _parse_p(p) == math.inf else int(_parse_p(p))
-        self.r = float(r)
-        self.variant = variant
-        self.margin_c = float(margin_c)
-        self.penalty_forward = penalty_forward
-        self.train = dict(train or {})
-        self._train_cfg = TrainConfig.from_dict(self.train)
+    lam: float = 1.0
+    p: float | str = 2
+    r: float = 2.0
+    variant: str = "plain"
+    margin_c: float = 1.0
+    penalty_forward: str = "auto"
+    train: TrainConfig = recipe(**SGD_RECIPE)
+
+    def validate(self) -> None:
+        if self.variant not in VARIANTS:
+            raise UserError(f"defense 'gradreg': variant={self.variant!r} unknown; use one of: {', '.join(VARIANTS)}")
+        if self.penalty_forward not in PENALTY_FORWARDS:
+            raise UserError(f"defense 'gradreg': penalty_forward={self.penalty_forward!r} unknown; use one of: {', '.join(PENALTY_FORWARDS)}")
+        if not float(self.lam) >= 0:
+            raise UserError(f"defense 'gradreg': lam={self.lam} must be >= 0")
+        if not float(self.r) > 0:
+            raise UserError(f"defense 'gradreg': r={self.r} must be > 0")
+        if not float(self.margin_c) > 0:
+            raise UserError(f"defense 'gradreg': margin_c={self.margin_c} must be > 0")
+        self.p = "inf" if _parse_p(self.p) == math.inf else int(_parse_p(self.p))
 
     def build(self, ctx: BuildContext) -> Classifier:
         loss = gradreg_loss(lam=self.lam, p=_parse_p(self.p), r=self.r, variant=self.variant,
                             margin_c=self.margin_c, penalty_forward=self.penalty_forward)
-        module, facts = train_defended(ctx, self, loss_fn=loss, train_cfg=self._train_cfg,
+        module, facts = train_defended(ctx, self, loss_fn=loss, train_cfg=self.train,
                                        module=seeded_model(ctx, ctx.seed))
         # one first-order input-gradient pass per image (the second-order pass is the parameter backward)
         facts = add_input_gradient_passes(facts, 1)

@@ -17,14 +17,14 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
-from typing import Any, ClassVar
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from harness.core.defense import BuildContext, Defense, register
-from defenses.standard import train_defended
+from defenses.standard import STANDARD_RECIPE, recipe, train_defended
 from harness.core.classifier import Classifier
 from harness.core.errors import UserError
 from harness.data.training import TrainConfig
@@ -75,13 +75,11 @@ def bdr_u8(x: torch.Tensor, bits: int) -> torch.Tensor:
     return x & mask
 
 
+@dataclass
 class _Squeeze(Defense):
     """Shared implementation: transform the training split once, then standard training."""
 
-    kind: ClassVar[str] = ""
-
-    def __init__(self, train: dict[str, Any] | None = None) -> None:
-        self.train = dict(train or {})
+    train: TrainConfig = recipe(**STANDARD_RECIPE)
 
     def transform(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -92,27 +90,29 @@ class _Squeeze(Defense):
             raise UserError(f"defense {self.name!r} needs a training split; dataset {data.name!r} has none")
         squeezed = data.with_train(self.transform(data.train_x), data.train_y, squeezed=self.name)
         module, facts = train_defended(dataclasses.replace(ctx, data=squeezed), self,
-                                       train_cfg=TrainConfig.from_dict(self.train))
+                                       train_cfg=self.train)
         changed = float((squeezed.train_x != data.train_x).float().mean())
         facts = {**facts, "iss": {"transform": self.name, "changed_values": round(changed, 4)}}
         return Classifier(module, data.num_classes, data.input_shape, info=facts)
 
 
 @register("iss_jpeg")
+@dataclass
 class ISSJpeg(_Squeeze):
     """JPEG-compress the training images (quality 10 in ISS/APBench)."""
 
-    def __init__(self, quality: int = 10, train: dict[str, Any] | None = None) -> None:
-        if not 1 <= int(quality) <= 100:
-            raise UserError(f"defense.quality={quality} must be in 1..100 (10 in ISS)")
-        super().__init__(train)
-        self.quality = int(quality)
+    quality: int = 10
+
+    def validate(self) -> None:
+        if not 1 <= int(self.quality) <= 100:
+            raise UserError(f"defense.quality={self.quality} must be in 1..100 (10 in ISS)")
 
     def transform(self, x: torch.Tensor) -> torch.Tensor:
         return jpeg_u8(x, self.quality)
 
 
 @register("iss_gray")
+@dataclass
 class ISSGray(_Squeeze):
     """Grayscale the training images (the identity on grey datasets)."""
 
@@ -121,14 +121,15 @@ class ISSGray(_Squeeze):
 
 
 @register("iss_bdr")
+@dataclass
 class ISSBdr(_Squeeze):
     """Reduce the training images' bit depth (2 bits in ISS/APBench)."""
 
-    def __init__(self, bits: int = 2, train: dict[str, Any] | None = None) -> None:
-        if not 1 <= int(bits) <= 8:
-            raise UserError(f"defense.bits={bits} must be in 1..8 (2 in ISS)")
-        super().__init__(train)
-        self.bits = int(bits)
+    bits: int = 2
+
+    def validate(self) -> None:
+        if not 1 <= int(self.bits) <= 8:
+            raise UserError(f"defense.bits={self.bits} must be in 1..8 (2 in ISS)")
 
     def transform(self, x: torch.Tensor) -> torch.Tensor:
         return bdr_u8(x, self.bits)

@@ -7,6 +7,7 @@ checkpoint.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -17,8 +18,21 @@ from harness.data.weights import cached_training
 from harness.core.classifier import Classifier
 from harness.core.contract import probe_input
 from harness.core.hashing import stable_hash
-from harness.data.models import build_model
+from harness.data.models import build_model, model_spec
 from harness.data.training import LossFn, TrainConfig, ce_loss, train
+
+
+def recipe(**values: Any) -> Any:
+    """A `train:` field whose default is this training recipe (the defense's YAML mirrors it)."""
+    return field(default_factory=lambda: TrainConfig(**values))
+
+
+# The undefended baseline's recipe; the poisoning-track defenses (ISS, augmentations, UEraser) share it.
+STANDARD_RECIPE: dict[str, Any] = dict(epochs=6, batch_size=64, optimizer="adam", lr=0.002, momentum=0.9,
+                                       weight_decay=0.0, schedule="cosine", augment="none")
+# The evasion defenses' recipe (docs/defenses.md: gradreg, pgd_at, advms compare under one schedule).
+SGD_RECIPE: dict[str, Any] = dict(epochs=4, batch_size=32, optimizer="sgd", lr=0.05, momentum=0.9,
+                                  weight_decay=0.0005, schedule="cosine", augment="none")
 
 
 def train_defended(
@@ -42,8 +56,8 @@ def train_defended(
         torch.manual_seed(ctx.seed)  # initial weights are part of what the cache key promises
         module = build_model(ctx.model_cfg, data.num_classes, data.input_shape)
     probe_input(module, data.input_shape, data.name)  # a shape the model cannot take: one line, before training
-    key = stable_hash({
-        "defense": defense.name, "params": defense.describe(), "model": ctx.model_cfg,
+    key = stable_hash({  # the resolved model (defaults included): a changed default is a new checkpoint
+        "defense": defense.name, "params": defense.describe(), "model": model_spec(ctx.model_cfg),
         "data": data.fingerprint(), "seed": ctx.seed, "device_type": ctx.device.type,
     })
 
@@ -59,13 +73,12 @@ def train_defended(
 
 
 @register("standard")
+@dataclass
 class Standard(Defense):
     """Plain cross-entropy training of the configured architecture."""
 
-    def __init__(self, train: dict[str, Any] | None = None) -> None:
-        self.train = dict(train or {})
-        TrainConfig.from_dict(self.train)  # fail early (at plan time) on a bad recipe
+    train: TrainConfig = recipe(**STANDARD_RECIPE)
 
     def build(self, ctx: BuildContext) -> Classifier:
-        module, facts = train_defended(ctx, self, train_cfg=TrainConfig.from_dict(self.train))
+        module, facts = train_defended(ctx, self, train_cfg=self.train)
         return Classifier(module, ctx.data.num_classes, ctx.data.input_shape, info=facts)

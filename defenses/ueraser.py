@@ -25,6 +25,7 @@ the kornia version joins the checkpoint key (it changes what TrivialAugment samp
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
 
 import torch
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.core.defense import BuildContext, Defense, register
-from defenses.standard import train_defended
+from defenses.standard import STANDARD_RECIPE, recipe, train_defended
 from harness.core.classifier import Classifier
 from harness.core.errors import UserError
 from harness.data.training import TrainConfig
@@ -100,28 +101,26 @@ def max_over_k_loss(model: nn.Module, views: Sequence[torch.Tensor], y: torch.Te
     return worst.mean(), chosen
 
 
+@dataclass
 class _UEraser(Defense):
-    """Shared implementation; subclasses fix the default schedule (`default_adv_fraction`)."""
+    """Shared implementation; subclasses fix the default schedule (`adv_fraction`)."""
 
-    default_adv_fraction: ClassVar[float] = 0.0
+    k: int = 5
+    adv_fraction: float = 0.0
+    policy: str = "default"
+    plasma_p: float | None = None
+    joint_forward: bool = False
+    train: TrainConfig = recipe(**STANDARD_RECIPE)
 
-    def __init__(self, k: int = 5, adv_fraction: float | None = None, policy: str = "default",
-                 plasma_p: float | None = None, joint_forward: bool = False, train: dict[str, Any] | None = None) -> None:
-        if int(k) < 1:
-            raise UserError(f"defense.k={k} must be >= 1 (the number of augmented draws per sample; 5 in UEraser)")
-        frac = self.default_adv_fraction if adv_fraction is None else float(adv_fraction)
-        if not 0.0 <= frac <= 1.0:
-            raise UserError(f"defense.adv_fraction={adv_fraction} must be in [0, 1] (share of epochs using the max-over-K loss)")
-        if policy not in POLICIES:
-            raise UserError(f"defense.policy={policy!r} unknown; use one of: {', '.join(POLICIES)}")
-        if plasma_p is not None and not 0.0 <= float(plasma_p) <= 1.0:
-            raise UserError(f"defense.plasma_p={plasma_p} must be a probability in [0, 1]")
-        self.k = int(k)
-        self.adv_fraction = frac
-        self.policy = policy
-        self.plasma_p = None if plasma_p is None else float(plasma_p)
-        self.joint_forward = bool(joint_forward)
-        self.train = dict(train or {})
+    def validate(self) -> None:
+        if int(self.k) < 1:
+            raise UserError(f"defense.k={self.k} must be >= 1 (the number of augmented draws per sample; 5 in UEraser)")
+        if not 0.0 <= self.adv_fraction <= 1.0:
+            raise UserError(f"defense.adv_fraction={self.adv_fraction} must be in [0, 1] (share of epochs using the max-over-K loss)")
+        if self.policy not in POLICIES:
+            raise UserError(f"defense.policy={self.policy!r} unknown; use one of: {', '.join(POLICIES)}")
+        if self.plasma_p is not None and not 0.0 <= float(self.plasma_p) <= 1.0:
+            raise UserError(f"defense.plasma_p={self.plasma_p} must be a probability in [0, 1]")
 
     def describe(self) -> dict[str, Any]:
         import kornia
@@ -142,7 +141,7 @@ class _UEraser(Defense):
         return loss
 
     def build(self, ctx: BuildContext) -> Classifier:
-        cfg = TrainConfig.from_dict(self.train)
+        cfg = self.train
         policy = UEraserPolicy(self.policy, self.plasma_p).to(ctx.device)
         adv = self.adv_epochs(cfg.epochs)
         module, facts = train_defended(ctx, self, loss_fn=self.loss_fn(policy, adv), train_cfg=cfg)
@@ -155,21 +154,24 @@ class _UEraser(Defense):
 
 
 @register("ueraser_lite")
+@dataclass
 class UEraserLite(_UEraser):
     """One augmented draw per batch in every epoch."""
 
-    default_adv_fraction = 0.0
+    adv_fraction: float = 0.0
 
 
 @register("ueraser")
+@dataclass
 class UEraser(_UEraser):
     """Max-over-K for the first quarter of the epochs (APBench: 50 of 200), then single draws."""
 
-    default_adv_fraction = 0.25
+    adv_fraction: float = 0.25
 
 
 @register("ueraser_max")
+@dataclass
 class UEraserMax(_UEraser):
     """Max-over-K in every epoch."""
 
-    default_adv_fraction = 1.0
+    adv_fraction: float = 1.0

@@ -19,6 +19,8 @@ Vectorised: the scan is one loop over pixel positions, batched over every image 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from harness.core.poison import Budget, Poison, PoisonContext, register_poison
@@ -58,17 +60,19 @@ def ar_fields(filters: torch.Tensor, labels: torch.Tensor, size: tuple[int, int]
 
 
 @register_poison("ar")
+@dataclass
 class AR(Poison):
     """Class-wise autoregressive noise at a fixed L2 norm per sample."""
 
-    def __init__(self, eps: float = 1.0, crop: int = 4, max_coef: float = 1.0) -> None:
-        if not float(eps) > 0:
-            raise UserError(f"poison.eps={eps} must be > 0 (an L2 norm in [0,1] pixel units; 1.0 in APBench)")
-        if int(crop) < 2:
-            raise UserError(f"poison.crop={crop} must be >= 2 (the scan never updates the first 2 rows/columns)")
-        self.eps = float(eps)
-        self.crop = int(crop)
-        self.max_coef = float(max_coef)
+    eps: float = 1.0
+    crop: int = 4
+    max_coef: float = 1.0
+
+    def validate(self) -> None:
+        if not float(self.eps) > 0:
+            raise UserError(f"poison.eps={self.eps} must be > 0 (an L2 norm in [0,1] pixel units; 1.0 in APBench)")
+        if int(self.crop) < 2:
+            raise UserError(f"poison.crop={self.crop} must be >= 2 (the scan never updates the first 2 rows/columns)")
 
     def budget(self, input_shape: tuple[int, int, int]) -> Budget:
         return Budget("L2", self.eps)

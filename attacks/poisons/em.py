@@ -18,6 +18,7 @@ Runs batched on the context's device; deterministic under the seed on a given de
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,34 +31,35 @@ from harness.core.progress import progress_bar
 
 
 @register_poison("em")
+@dataclass
 class EM(Poison):
     """Error-minimising noise from alternating surrogate training and noise descent."""
 
     needs_model = True
 
-    def __init__(self, eps: float = 8 / 255, steps: int = 5, step_size: float | None = None, train_steps: int = 10,
-                 lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 5e-4, grad_clip: float = 5.0,
-                 batch_size: int = 128, stop_acc: float = 0.99, max_rounds: int = 10, init: str = "zeros",
-                 surrogate: dict[str, Any] | None = None) -> None:
-        if not 0 < float(eps) <= 1:
-            raise UserError(f"poison.eps={eps} must be in (0, 1] (L-inf, [0,1] pixel units; 8/255 = 0.0314 in the reference)")
-        if init not in ("zeros", "uniform"):
-            raise UserError(f"poison.init={init!r} unknown; use zeros (APBench) or uniform (original EM)")
-        if int(steps) < 1 or int(train_steps) < 0 or int(max_rounds) < 1 or int(batch_size) < 1:
+    eps: float = 8 / 255
+    steps: int = 5
+    step_size: float | None = None
+    train_steps: int = 10
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    grad_clip: float = 5.0
+    batch_size: int = 128
+    stop_acc: float = 0.99
+    max_rounds: int = 10
+    init: str = "zeros"
+    surrogate: dict[str, Any] = field(default_factory=lambda: {"name": "small_cnn"})
+
+    def validate(self) -> None:
+        if not 0 < float(self.eps) <= 1:
+            raise UserError(f"poison.eps={self.eps} must be in (0, 1] (L-inf, [0,1] pixel units; 8/255 = 0.0314 in the reference)")
+        if self.init not in ("zeros", "uniform"):
+            raise UserError(f"poison.init={self.init!r} unknown; use zeros (APBench) or uniform (original EM)")
+        if int(self.steps) < 1 or int(self.train_steps) < 0 or int(self.max_rounds) < 1 or int(self.batch_size) < 1:
             raise UserError("poison=em needs steps >= 1, train_steps >= 0, max_rounds >= 1 and batch_size >= 1")
-        self.eps = float(eps)
-        self.steps = int(steps)
-        self.step_size = float(step_size) if step_size is not None else self.eps / self.steps
-        self.train_steps = int(train_steps)
-        self.lr = float(lr)
-        self.momentum = float(momentum)
-        self.weight_decay = float(weight_decay)
-        self.grad_clip = float(grad_clip)
-        self.batch_size = int(batch_size)
-        self.stop_acc = float(stop_acc)
-        self.max_rounds = int(max_rounds)
-        self.init = init
-        self.surrogate = dict(surrogate or {"name": "small_cnn"})
+        if self.step_size is None:
+            self.step_size = self.eps / self.steps
 
     def budget(self, input_shape: tuple[int, int, int]) -> Budget:
         return Budget("Linf", self.eps)

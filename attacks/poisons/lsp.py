@@ -16,6 +16,7 @@ Deterministic under the seed (`random_state=seed`); runs on the CPU in well unde
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -25,17 +26,19 @@ from harness.core.errors import UserError
 
 
 @register_poison("lsp")
+@dataclass
 class LSP(Poison):
     """Class-wise clustered, patch-constant noise at a fixed L2 norm per sample."""
 
-    def __init__(self, grid: int = 4, pixel_eps: float = 6 / 255, class_sep: float = 10.0) -> None:
-        if int(grid) < 1:
-            raise UserError(f"poison.grid={grid} must be >= 1 (patches per image side; 4 in the reference)")
-        if not 0 < float(pixel_eps) <= 1:
-            raise UserError(f"poison.pixel_eps={pixel_eps} must be in (0, 1]; the reference uses 6/255 = 0.0235")
-        self.grid = int(grid)
-        self.pixel_eps = float(pixel_eps)
-        self.class_sep = float(class_sep)
+    grid: int = 4
+    pixel_eps: float = 6 / 255
+    class_sep: float = 10.0
+
+    def validate(self) -> None:
+        if int(self.grid) < 1:
+            raise UserError(f"poison.grid={self.grid} must be >= 1 (patches per image side; 4 in the reference)")
+        if not 0 < float(self.pixel_eps) <= 1:
+            raise UserError(f"poison.pixel_eps={self.pixel_eps} must be in (0, 1]; the reference uses 6/255 = 0.0235")
 
     def budget(self, input_shape: tuple[int, int, int]) -> Budget:
         return Budget("L2", l2_for_linf_equivalent(self.pixel_eps, input_shape))

@@ -2,12 +2,15 @@
 carries each defense's accuracy when trained on clean data, the reference the others are read against."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from harness.core.poison import Budget, Poison, PoisonContext, register_poison
 
 
 @register_poison("none")
+@dataclass
 class NoPoison(Poison):
     """Identity: delta = 0 everywhere."""
 

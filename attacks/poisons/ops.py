@@ -19,6 +19,7 @@ context's device.
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 
 import torch
 
@@ -44,13 +45,15 @@ def pixel_scores(images: torch.Tensor, colours: torch.Tensor) -> torch.Tensor:
 
 
 @register_poison("ops")
+@dataclass
 class OPS(Poison):
     """One pixel per class set to a searched corner colour in every image of the class."""
 
-    def __init__(self, pixels: int = 1) -> None:
-        if int(pixels) < 1:
-            raise UserError(f"poison.pixels={pixels} must be >= 1 (the L0 budget; 1 in the reference)")
-        self.pixels = int(pixels)
+    pixels: int = 1
+
+    def validate(self) -> None:
+        if int(self.pixels) < 1:
+            raise UserError(f"poison.pixels={self.pixels} must be >= 1 (the L0 budget; 1 in the reference)")
 
     def budget(self, input_shape: tuple[int, int, int]) -> Budget:
         return Budget("L0", float(self.pixels))

@@ -60,8 +60,35 @@ def check_store(work_dirs: list[Path], csvs: list[Path]) -> int:
     return 1 if problems else 0
 
 
+def export_main(argv: list[str]) -> int:
+    """`arena board export --format robustbench OUT_DIR`: rows as RobustBench model_info JSON files."""
+    from harness.evasion import board as leaderboard
+    from harness.results.export import export_robustbench
+
+    p = argparse.ArgumentParser(prog="arena board export", description="Write leaderboard rows in another benchmark's format.")
+    p.add_argument("out", help="output directory (model_info/<dataset>/<threat>/<model>.json layout)")
+    p.add_argument("--format", required=True, choices=["robustbench"], help="robustbench: one model_info JSON per row")
+    p.add_argument("--work-dir", action="append", type=Path, help="work dir(s) with runs/ (default ./arena-work)")
+    p.add_argument("--csv", type=Path, help="leaderboard CSV (default <work-dir>/leaderboard/evasion.csv)")
+    for col in ("dataset", "threat", "defense", "suite"):
+        p.add_argument(f"--{col}", help=f"only rows whose {col} is exactly this")
+    args = p.parse_args(argv)
+    work_dirs = args.work_dir or [Path("arena-work")]
+    df = leaderboard.read(args.csv or work_dirs[0] / "leaderboard" / "evasion.csv")
+    for col in ("dataset", "threat", "defense", "suite"):
+        if getattr(args, col) is not None:
+            df = df[df[col].astype(str) == getattr(args, col)]
+    if df.empty:
+        raise UserError("no leaderboard row to export; check the filters or run `arena board build`")
+    for path, notes in export_robustbench(df, Path(args.out), work_dirs):
+        print(f"wrote {path}" + (f"  (not a RobustBench track yet: {'; '.join(notes)})" if notes else ""))
+    return 0
+
+
 def board_main(argv: list[str]) -> int:
-    """`arena board` (show), `arena board build`, `arena board html OUT`."""
+    """`arena board` (show), `arena board build`, `arena board html OUT`, `arena board export ...`."""
+    if argv and argv[0] == "export":
+        return export_main(argv[1:])
     from harness.evasion import board as leaderboard
     from harness.results.terminal import print_board
 
@@ -127,8 +154,8 @@ def board_main(argv: list[str]) -> int:
         if not args.out:
             raise UserError("arena board plot needs an output directory: arena board plot OUT_DIR")
         plots = importlib.import_module("harness.results.plots")
-        for path in plots.write_plots(work_dirs, Path(args.out), board=df):
-            print(f"wrote {path}")
+        for line in plots.report(plots.write_plots(work_dirs, Path(args.out), board=df)):
+            print(line)  # one line per file written, one per plot skipped and why
         return 0
     if args.action == "html":
         if not args.out:

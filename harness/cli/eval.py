@@ -18,8 +18,6 @@ def _task_overrides() -> list[str]:
 
 
 def eval_task(cfg: DictConfig) -> dict[str, Any]:
-    import attacks  # noqa: F401  (registers attacks)
-    import defenses  # noqa: F401  (registers defenses)
     from harness.evasion import board as leaderboard
     from harness.evasion.run import run_evaluation
     from harness.results.terminal import print_summary
@@ -47,4 +45,7 @@ def eval_precheck(cfg: DictConfig) -> None:
 
 
 def main(argv: list[str]) -> int:
-    return run_hydra_app("eval", eval_task, argv, prog="arena eval", precheck=eval_precheck)
+    from harness.cli.help_text import show_job_config
+
+    shown = show_job_config("eval", argv, prog="arena eval")  # --cfg job with attack=NAME: what will run
+    return shown if shown is not None else run_hydra_app("eval", eval_task, argv, prog="arena eval", precheck=eval_precheck)

@@ -49,3 +49,6 @@ def register_resolvers() -> None:
     """Register the OmegaConf resolvers the presets use (idempotent)."""
     if not OmegaConf.has_resolver("arena_n_jobs"):
         OmegaConf.register_new_resolver("arena_n_jobs", default_n_jobs)
+    from harness.cli.help_text import register as register_help
+
+    register_help()  # ${arena_help_groups:...} in the help templates of conf/eval.yaml, conf/poison.yaml

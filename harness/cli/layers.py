@@ -1,7 +1,9 @@
 """`arena layers`: list the layers a LAFEAT feature tap can read, and mark the default.
 
-    arena layers model=small_cnn [dataset=mnist5k] [model.width=16 ...]
-    arena layers --model-file my_model.py [dataset=cifar10 | shape=3,32,32] [--functional]
+    arena layers model=resnet18 dataset=cifar10          # input shape and classes from the dataset
+    arena layers model=resnet18 --input-shape 3,64,64    # or given: C,H,W (shape=C,H,W also works)
+    arena layers model=small_cnn [model.width=16 ...]    # no dataset: mnist5k's 1x28x28, the eval default
+    arena layers --model-file my_model.py [dataset=cifar10 | --input-shape 3,32,32] [--functional]
 
 Each line: layer name, module type, output shape (from one probe forward on zeros; "-" when the
 module is not used by the forward pass) and `*` on the default layer (the rule is in
@@ -27,7 +29,9 @@ DATASET_SHAPES: dict[str, tuple[tuple[int, int, int], int]] = {
     "svhn": ((3, 32, 32), 10),
 }
 
-USAGE = "usage: arena layers model=NAME [dataset=NAME] [model.KEY=VALUE ...] | --model-file FILE.py [shape=C,H,W] [--functional]"
+USAGE = ("usage: arena layers model=NAME [dataset=NAME | --input-shape C,H,W] [model.KEY=VALUE ...] | "
+         "--model-file FILE.py [dataset=NAME | --input-shape C,H,W] [--functional]")
+DEFAULT_DATASET = "mnist5k"  # `arena eval`'s default dataset: the input a model gets when none is named
 
 
 def _parse(argv: list[str]) -> tuple[dict[str, Any], Path | None, bool]:
@@ -47,6 +51,13 @@ def _parse(argv: list[str]) -> tuple[dict[str, Any], Path | None, bool]:
             model_file = Path(path).expanduser()
         elif arg.startswith("--model-file="):
             model_file = Path(arg.split("=", 1)[1]).expanduser()
+        elif arg in ("--input-shape", "--shape"):
+            value = next(it, None)
+            if value is None:
+                raise UserError("--input-shape needs C,H,W, e.g. --input-shape 3,32,32")
+            opts["shape"] = value
+        elif arg.startswith(("--input-shape=", "--shape=")):
+            opts["shape"] = arg.split("=", 1)[1]
         elif "=" in arg:
             key, value = arg.split("=", 1)
             opts[key.lstrip("+")] = value
@@ -62,7 +73,7 @@ def _shape(opts: dict[str, Any]) -> tuple[tuple[int, int, int] | None, int]:
         except ValueError:
             dims = ()
         if len(dims) != 3:
-            raise UserError(f"shape={opts['shape']!r} must be C,H,W, e.g. shape=3,32,32")
+            raise UserError(f"--input-shape {opts['shape']!r} must be C,H,W, e.g. --input-shape 3,32,32")
         return dims, int(opts.get("num_classes", 10))  # type: ignore[return-value]
     name = opts.get("dataset")
     if name is None:
@@ -79,7 +90,7 @@ def build(opts: dict[str, Any], model_file: Path | None) -> tuple[nn.Module, tup
     """The module to list and the input shape for the probe forward (None = no probe)."""
     shape, num_classes = _shape(opts)
     if model_file is not None:
-        from defenses.checkpoint import import_model_file
+        from harness.data.models import import_model_file
 
         module = import_model_file(model_file).create()
         if not isinstance(module, nn.Module):
@@ -89,12 +100,24 @@ def build(opts: dict[str, Any], model_file: Path | None) -> tuple[nn.Module, tup
         raise UserError(f"say which model: {USAGE}")
     from harness.data.models import build_model
 
-    shape = shape or DATASET_SHAPES["mnist5k"][0]  # the embedded default dataset
+    if shape is None:  # no dataset named: the one `arena eval model=...` would use
+        shape, num_classes = DATASET_SHAPES[DEFAULT_DATASET]
     cfg: dict[str, Any] = {"name": opts["model"]}
     for key, value in opts.items():
         if key.startswith("model."):
             cfg[key.split(".", 1)[1]] = _literal(value)
     return build_model(cfg, num_classes, shape).eval(), shape
+
+
+def _source(opts: dict[str, Any], model_file: Path | None) -> str:
+    """Where the probe's input shape came from, so a user sees when it was assumed."""
+    if "shape" in opts:
+        return ", as given"
+    if opts.get("dataset"):
+        return f", from dataset={opts['dataset']}"
+    if model_file is None:
+        return f", from dataset={DEFAULT_DATASET}, the eval default; give dataset=NAME or --input-shape C,H,W for another"
+    return ", guessed; give dataset=NAME or --input-shape C,H,W"
 
 
 def _literal(value: str) -> Any:
@@ -120,7 +143,7 @@ def main(argv: list[str]) -> int:
     for probe in candidates:
         try:
             shapes = layer_shapes(module, torch.zeros(2, *probe))
-            note = f"(shapes for input {'x'.join(map(str, probe))})"
+            note = f"(shapes for input {'x'.join(map(str, probe))}{_source(opts, model_file)})"
             break
         except Exception as exc:  # a wrong shape for this model: list names without shapes
             note = f"(no shapes: probe forward with input {probe} failed: {type(exc).__name__}; give shape=C,H,W)"

@@ -173,9 +173,9 @@ def to_strict(obj: Any) -> Any:
     return str(obj)
 
 
-def strict_dumps(obj: Any, indent: int | None = 2) -> str:
-    """Strict JSON text of `obj` (sorted keys, null for NaN/inf; see `to_strict`)."""
-    return json.dumps(to_strict(obj), indent=indent, sort_keys=True, allow_nan=False)
+def strict_dumps(obj: Any, indent: int | None = 2, sort_keys: bool = True) -> str:
+    """Strict JSON text of `obj` (null for NaN/inf; see `to_strict`), keys sorted unless asked not to."""
+    return json.dumps(to_strict(obj), indent=indent, sort_keys=sort_keys, allow_nan=False)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:

@@ -1,13 +1,12 @@
-"""The attack contract and registry.
+"""The attack contract and its registry (`ATTACKS`).
 
-An attack is a small object built from a config dict. It declares the capability it needs
-(`requires`), may prepare once per evaluation (train a LAFEAT head, say), and then maps a batch of
+An attack is a small `@dataclass` built from a config dict (its fields are its parameters). It
+declares the capability it needs (`requires`), may prepare once per evaluation (train a LAFEAT head, say), and then maps a batch of
 clean inputs to candidate adversarial inputs. It never decides success: the evaluator projects
 nothing, re-checks the norm ball and box and judges with its own forward pass.
 """
 from __future__ import annotations
 
-import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -15,10 +14,8 @@ from typing import Any, ClassVar
 import torch
 
 from harness.core.access import Capability
-from harness.core.errors import UserError, choices_error
+from harness.core.registry import Plugin, Registry
 from harness.core.threat import ThreatModel
-
-REGISTRY: dict[str, type["Attack"]] = {}
 
 
 @dataclass
@@ -51,14 +48,15 @@ class PrepareContext:
     progress: bool = False
 
 
-class Attack(ABC):
-    """Base class: subclasses set `name`, `requires` and implement `run`.
+class Attack(Plugin, ABC):
+    """Base class: subclasses are `@dataclass`es (fields = parameters), set `requires`, implement `run`.
 
-    Constructor keyword arguments are the attack's config values; `build_attack` validates them
-    against the signature so a misspelt parameter is a one-line user error, not a silent default.
+    Register with `@register("name")` above `@dataclass`. `build_attack` checks a config's keys
+    against the fields, so a misspelt parameter is a one-line user error, not a silent default;
+    range checks go in `validate()`.
     """
 
-    name: ClassVar[str] = ""
+    kind: ClassVar[str] = "attack"
     requires: ClassVar[Capability] = Capability.GRADIENTS
 
     def prepare(self, ctx: PrepareContext) -> dict[str, Any]:
@@ -76,45 +74,12 @@ class Attack(ABC):
     ) -> AttackResult:
         """Attack one batch. `access` matches `requires`; random draws use `generator`."""
 
-    def describe(self) -> dict[str, Any]:
-        """The parameters, for manifests and reprs."""
-        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
 
-    def __repr__(self) -> str:
-        params = ", ".join(f"{k}={v!r}" for k, v in self.describe().items())
-        return f"{type(self).__name__}({params})"
-
-
-def register(name: str):
-    """Class decorator: make an attack available to configs under `name`."""
-
-    def wrap(cls: type[Attack]) -> type[Attack]:
-        cls.name = name
-        REGISTRY[name] = cls
-        return cls
-
-    return wrap
+ATTACKS: Registry[Attack] = Registry("attack", Attack, packages=("attacks",))
+REGISTRY = ATTACKS  # the older name
+register = ATTACKS.register
 
 
 def build_attack(spec: dict[str, Any]) -> Attack:
-    """Instantiate an attack from a config mapping with a `name` key plus parameters."""
-    spec = dict(spec)
-    name = spec.pop("name", None)
-    spec.pop("label", None)
-    if name not in REGISTRY:
-        raise choices_error("attack", name, list(REGISTRY))
-    cls = REGISTRY[name]
-    params = inspect.signature(cls.__init__).parameters
-    accepts_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
-    valid = [p for p in params if p not in ("self", "args", "kwargs")]
-    for key in spec:
-        if key not in valid and not accepts_any:
-            raise UserError(
-                f"attack {name!r} has no parameter {key!r}; valid parameters: {', '.join(valid)}"
-            )
-    try:
-        return cls(**spec)
-    except UserError:
-        raise
-    except (TypeError, ValueError) as exc:
-        raise UserError(f"attack {name!r}: bad parameters {spec}: {exc}") from None
+    """Instantiate an attack from a config mapping with a `name` key plus parameters (`label` allowed)."""
+    return ATTACKS.build(spec)

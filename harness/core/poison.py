@@ -1,4 +1,4 @@
-"""The availability-poison contract, its registry, budget checks and the cached poisoning step.
+"""The availability-poison contract, its registry (`POISONS`), budget checks and the cached poisoning step.
 
 A poison maps a clean training split (uint8 NCHW images and labels) to a perturbation `delta` in
 [0, 1] pixel units. This module, not the poison, turns it into poisoned uint8 images:
@@ -17,7 +17,6 @@ The test split is never touched: poisons only ever receive and return the traini
 """
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import time
@@ -30,10 +29,9 @@ import torch
 from filelock import FileLock
 
 from harness.core.atomic import atomic_write, atomic_write_json
-from harness.core.errors import UserError, choices_error
+from harness.core.errors import UserError
 from harness.core.hashing import stable_hash
-
-REGISTRY: dict[str, type["Poison"]] = {}
+from harness.core.registry import Plugin, Registry
 NORMS = ("Linf", "L2", "L0")
 # Float slack of a budget check on uint8 results (the deltas are multiples of 1/255).
 BUDGET_RTOL = 1e-6
@@ -95,17 +93,17 @@ class PoisonContext:
         return self.x.to(device or self.device).float().div_(255.0)
 
 
-class Poison(ABC):
-    """Base class: constructor kwargs are the config values; `perturb` returns the float delta.
+class Poison(Plugin, ABC):
+    """Base class: a `@dataclass` whose fields are the config values; `perturb` returns the float delta.
 
     Subclasses set `name` (via `@register_poison`), declare their `budget` for a given input shape,
     and set `needs_model = True` when generation trains or queries a network (then the result may
     depend on the device type, which joins the cache key).
     """
 
-    name: ClassVar[str] = ""
+    kind: ClassVar[str] = "poison"
     needs_model: ClassVar[bool] = False
-    ratio: float = 1.0  # set by `build_poison` from the config's `ratio`
+    ratio: ClassVar[float] = 1.0  # set per instance by `POISONS.build` from the config's `ratio`
 
     @abstractmethod
     def budget(self, input_shape: tuple[int, int, int]) -> Budget:
@@ -115,19 +113,22 @@ class Poison(ABC):
     def perturb(self, ctx: PoisonContext) -> torch.Tensor:
         """Float delta (N, C, H, W) in [0, 1] units for every training sample (CPU or device)."""
 
-    def describe(self) -> dict[str, Any]:
-        return {k: v for k, v in vars(self).items() if not k.startswith("_") and k != "ratio"}
 
 
-def register_poison(name: str):
-    """Class decorator: make a poison available to configs under `name`."""
+def _ratio(value: Any, kind: str, name: str) -> float:
+    """The poisoned fraction: a number in [0, 1] (every poison's spec may carry `ratio`)."""
+    try:
+        ratio = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"poison.ratio={value!r} is not a number; use a fraction in (0, 1], e.g. poison.ratio=0.5") from None
+    if isinstance(value, bool) or not 0.0 <= ratio <= 1.0:
+        raise UserError(f"poison.ratio={value} is outside [0, 1]; use the poisoned fraction, e.g. poison.ratio=0.5")
+    return ratio
 
-    def wrap(cls: type[Poison]) -> type[Poison]:
-        cls.name = name
-        REGISTRY[name] = cls
-        return cls
 
-    return wrap
+POISONS: Registry[Poison] = Registry("poison", Poison, packages=("attacks.poisons",), extras={"ratio": _ratio})
+REGISTRY = POISONS  # the older name
+register_poison = POISONS.register
 
 
 def build_poison(spec: dict[str, Any]) -> Poison:
@@ -135,26 +136,7 @@ def build_poison(spec: dict[str, Any]) -> Poison:
 
     `label` only names a variant on the leaderboard (e.g. a non-default budget); it changes nothing.
     """
-    spec = dict(spec or {})
-    name = spec.pop("name", None)
-    spec.pop("label", None)
-    if name not in REGISTRY:
-        raise choices_error("poison", name, list(REGISTRY))
-    ratio = spec.pop("ratio", 1.0)
-    try:
-        ratio = float(ratio)
-    except (TypeError, ValueError):
-        raise UserError(f"poison.ratio={ratio!r} is not a number; use a fraction in (0, 1], e.g. poison.ratio=0.5") from None
-    if not 0.0 <= ratio <= 1.0:
-        raise UserError(f"poison.ratio={ratio} is outside [0, 1]; use the poisoned fraction, e.g. poison.ratio=0.5")
-    cls = REGISTRY[name]
-    params = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-    for key in spec:
-        if key not in params:
-            raise UserError(f"poison {name!r} has no parameter {key!r}; valid parameters: {', '.join(['ratio', 'label', *params])}")
-    poison = cls(**spec)
-    poison.ratio = ratio
-    return poison
+    return POISONS.build(dict(spec or {}))
 
 
 # ----------------------------------------------------------------------------------------------

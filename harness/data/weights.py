@@ -1,13 +1,23 @@
-"""Safe checkpoint loading and the trained-model cache.
+"""Safe checkpoint loading, checkpoints as researchers save them, and the trained-model cache.
 
 Weights are always read with `torch.load(..., weights_only=True)`: a pickle carrying arbitrary
 objects is refused, and so are missing, truncated or HTML files (a classic of Google-Drive
 downloads), each with a one-line error that says what to do.
+
+Published robust checkpoints rarely are a bare `model.state_dict()`. `load_into` accepts:
+- envelopes: `{"state_dict": ...}`, `{"model_state_dict": ...}`, `{"model": ...}`, `{"net": ...}`,
+  nested (`{"model": {"state_dict": ...}}`), next to other entries (epoch, optimizer, ...);
+- key prefixes: `module.` (DataParallel) and a wrapper's prefix either way, e.g. a normaliser module
+  wrapping the network saves `net.conv1.weight` where the architecture has `conv1.weight` (or the
+  reverse), found by matching the file's keys against the model's;
+and says what it did in one line ("remapped 26 keys: net.* -> *"). Loading is always strict after
+remapping: a missing, extra or differently shaped tensor is an error naming it.
 """
 from __future__ import annotations
 
 import json
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -53,35 +63,132 @@ def load_weights(path: Path | str) -> Any:
         raise UserError(f"checkpoint {str(path)!r} cannot be read ({type(exc).__name__}: {msg[:120]}); download or save it again") from None
 
 
+ENVELOPES = ("state_dict", "model_state_dict", "model", "net")
+
+
+def unwrap_envelopes(obj: Any) -> tuple[Any, list[str]]:
+    """The state dict inside known envelopes (possibly nested), and the envelope keys taken."""
+    taken: list[str] = []
+    for _ in range(4):
+        if not isinstance(obj, dict) or (obj and all(torch.is_tensor(v) for v in obj.values())):
+            break
+        key = next((k for k in ENVELOPES if isinstance(obj.get(k), dict)), None)
+        if key is None:
+            break
+        obj, taken = obj[key], [*taken, key]
+    return obj, taken
+
+
 def extract_state_dict(obj: Any) -> dict[str, torch.Tensor]:
-    """Accept a state dict or a dict wrapping one (`state_dict`, `model`, `net`); strip `module.`."""
-    if isinstance(obj, dict):
-        for key in ("state_dict", "model_state_dict", "model", "net"):
-            if key in obj and isinstance(obj[key], dict):
-                obj = obj[key]
-                break
+    """Accept a state dict or one inside envelopes (`state_dict`, `model`, `net`); strip `module.`."""
+    obj, _ = unwrap_envelopes(obj)
     if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
         raise UserError("checkpoint does not hold a state dict (a mapping of parameter names to tensors); save model.state_dict()")
-    return {k[7:] if k.startswith("module.") else k: v for k, v in obj.items()}
+    return {_strip_module(k): v for k, v in obj.items()}
 
 
-def load_into(module: nn.Module, path: Path | str) -> nn.Module:
-    """Load a weights file into `module` strictly, naming missing/unexpected keys on mismatch."""
-    state = extract_state_dict(load_weights(path))
+def _strip_module(key: str) -> str:
+    while key.startswith("module."):
+        key = key[7:]
+    return key
+
+
+def _prefixes(keys: list[str]) -> list[str]:
+    """"" plus every dotted prefix (up to two components) that some key starts with."""
+    out = {""}
+    for k in keys:
+        parts = k.split(".")[:-1]
+        for n in (1, 2):
+            if len(parts) >= n:
+                out.add(".".join(parts[:n]) + ".")
+    return sorted(out, key=lambda p: (p != "", p))  # identity first
+
+
+@dataclass
+class KeyMap:
+    """How the file's keys map onto the model's: replace prefix `src` by `dst` (on keys that have it)."""
+
+    src: str = ""
+    dst: str = ""
+    envelope: list[str] = field(default_factory=list)
+    module_prefix: bool = False  # DataParallel's `module.` was stripped
+    count: int = 0  # keys renamed by src -> dst
+
+    def apply(self, key: str) -> str:
+        return self.dst + key[len(self.src):] if key.startswith(self.src) else key
+
+    def describe(self) -> str:
+        """One line for the log, empty when the file was a plain state dict with matching keys."""
+        parts = []
+        if self.envelope:
+            parts.append("unwrapped " + "".join(f"[{k!r}]" for k in self.envelope))
+        if self.module_prefix:
+            parts.append("stripped DataParallel's module.")
+        if self.src != self.dst:
+            parts.append(f"remapped {self.count} keys: {self.src}* -> {self.dst}*")
+        return "; ".join(parts)
+
+
+def match_keys(file_keys: list[str], model_keys: list[str]) -> tuple[KeyMap, KeyMap]:
+    """(the prefix swap that maps the file's keys exactly onto the model's, identity when none does;
+    the swap that maps the most keys, for the error message when none is exact)."""
+    want = set(model_keys)
+    exact, best, best_score = None, KeyMap(), -1
+    for src in _prefixes(file_keys):
+        for dst in _prefixes(model_keys):
+            if src and dst and (src.startswith(dst) or dst.startswith(src)):
+                continue  # equivalent to a shorter swap
+            m = KeyMap(src, dst)
+            mapped = [m.apply(k) for k in file_keys]
+            m.count = sum(k.startswith(src) for k in file_keys) if src != dst else 0
+            if exact is None and set(mapped) == want and len(set(mapped)) == len(mapped):
+                exact = m
+            score = sum(k in want for k in set(mapped))
+            if score > best_score:
+                best, best_score = m, score
+    return exact or KeyMap(), best
+
+
+def remap_state_dict(obj: Any, own: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], KeyMap]:
+    """The file's tensors under the model's names (envelopes, `module.`, a wrapper's prefix)."""
+    inner, envelope = unwrap_envelopes(obj)
+    if not isinstance(inner, dict) or not all(torch.is_tensor(v) for v in inner.values()):
+        raise UserError("checkpoint does not hold a state dict (a mapping of parameter names to tensors); save model.state_dict()")
+    stripped = {_strip_module(k): v for k, v in inner.items()}
+    keymap, _ = match_keys(list(stripped), list(own))
+    keymap.envelope = envelope
+    keymap.module_prefix = any(k.startswith("module.") for k in inner)
+    return {keymap.apply(k): v for k, v in stripped.items()}, keymap
+
+
+def load_into(module: nn.Module, path: Path | str, log: Callable[[str], None] | None = None) -> nn.Module:
+    """Load a weights file into `module` strictly (after remapping), naming missing/unexpected keys.
+
+    `log` receives one line describing any remapping ("remapped 26 keys: net.* -> *").
+    """
     own = module.state_dict()
+    state, keymap = remap_state_dict(load_weights(path), own)
+    how = keymap.describe()
+    after = f" (with keys renamed {keymap.src}* -> {keymap.dst}*)" if keymap.src != keymap.dst else ""
     wrong = [k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
     if wrong:  # load_state_dict raises a multi-line RuntimeError for these, even with strict=False
         k = wrong[0]
         raise UserError(
-            f"checkpoint {str(path)!r} does not fit the model: {len(wrong)} tensors differ in shape, e.g. {k} is "
+            f"checkpoint {str(path)!r} does not fit the model{after}: {len(wrong)} tensors differ in shape, e.g. {k} is "
             f"{tuple(state[k].shape)} in the file but {tuple(own[k].shape)} in the model; check model= / defense.model_file"
         )
-    result = module.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
+    missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
+    if missing or unexpected:
+        _, near = match_keys(list(state), list(own))
+        hint = (f" (renaming {near.src}* -> {near.dst}* would match {sum(near.apply(k) in own for k in state)} of "
+                f"{len(own)}; the rest differs)" if near.src != near.dst else "")
         raise UserError(
-            f"checkpoint {str(path)!r} does not fit the model: missing {result.missing_keys[:3]}, "
-            f"unexpected {result.unexpected_keys[:3]}; check model= / defense.model_file"
+            f"checkpoint {str(path)!r} does not fit the model{after}: missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}{hint}; check model= / defense.model_file"
         )
+    module.load_state_dict(state, strict=True)
+    if how and log is not None:
+        log(f"checkpoint {Path(str(path)).name}: {how}")
     return module
 
 

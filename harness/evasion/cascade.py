@@ -11,11 +11,12 @@ cascade), which is exact for all three numbers.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable
 
 import pandas as pd
 import torch
 
+from harness.core import progress
 from harness.core.access import Capability, CountingModule, ModelAccess, PassCounter
 from harness.core.classifier import Classifier
 from harness.core.errors import UserError
@@ -74,8 +75,12 @@ def correct_draws(clf: Classifier, x: torch.Tensor, y: torch.Tensor, draws: int,
 
 
 def evaluate_batch(plan: EvalPlan, clf: Classifier, b: int, ids: torch.Tensor, x_u8: torch.Tensor,
-                   y: torch.Tensor) -> pd.DataFrame:
-    """Clean pass plus the cascade on one batch; returns its long-format records."""
+                   y: torch.Tensor, on_verified: Callable[..., None] | None = None) -> pd.DataFrame:
+    """Clean pass plus the cascade on one batch; returns its long-format records.
+
+    `on_verified(label, sample_ids, x_adv, success)`, when given, receives every attack's verified
+    examples (the projected inputs the harness judged) and its verdict (harness.evaluate, save_adv).
+    """
     device, threat = plan.device, plan.threat
     x = to_unit(x_u8, device)
     y = y.to(device)
@@ -90,6 +95,7 @@ def evaluate_batch(plan: EvalPlan, clf: Classifier, b: int, ids: torch.Tensor, x
                      "pred": int(clean_pred[i]), "linf": 0.0, "l2": 0.0, "n_forward": 0.0, "n_backward": 0.0,
                      "n_queries": 0, "time_s": 0.0, "violation": False, "stage": "",
                      "budget_exhausted": False})
+    progress.stage_done("clean", x.shape[0], float(clean_count.sum()) / n_draws)
     for k, slot in enumerate(plan.slots, start=1):
         pool = (worst > 0) if plan.cascade else (clean_count > 0)
         idx = pool.nonzero().flatten()
@@ -110,6 +116,8 @@ def evaluate_batch(plan: EvalPlan, clf: Classifier, b: int, ids: torch.Tensor, x
             count, pred = correct_draws(clf, x_adv, ys, plan.draws, _batch_seed(plan.seed, b, slot.label + "/verify"))
             count = torch.where(bad, torch.full_like(count, n_draws), count)  # invalid example: not broken
             worst[idx] = torch.minimum(worst[idx], count)
+            if on_verified is not None:
+                on_verified(slot.label, ids[idx.cpu()], x_adv, (count * 2 < n_draws) if n_draws > 1 else (count == 0))
             linf, l2 = threat.norms(x_adv, xs)
             queries = getattr(access, "queries", None)
             exhausted = getattr(access, "exhausted", None)
@@ -129,6 +137,7 @@ def evaluate_batch(plan: EvalPlan, clf: Classifier, b: int, ids: torch.Tensor, x
                                    "l2": float("nan"), "n_forward": 0.0, "n_backward": 0.0, "n_queries": 0, "time_s": 0.0,
                                    "violation": False, "stage": "", "budget_exhausted": False}
             rows.append({"sample_id": ids_list[i], "label": y_list[i], "attack": slot.label, "order": k, "draws": n_draws, **r})
+        progress.stage_done(slot.label, x.shape[0], int((worst == n_draws).sum()))
     return pd.DataFrame(rows)
 
 

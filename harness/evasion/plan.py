@@ -12,12 +12,13 @@ import torch
 
 from harness.core.atomic import check_writable_dir
 from harness.core.attack import Attack, build_attack
-from harness.core.defense import build_defense
+from harness.core.defense import DEFENSES, build_defense, threat_context
 from harness.core.device import resolve_device
 from harness.core.errors import UserError
 from harness.core.hashing import file_sha256, stable_hash, tensor_hash
 from harness.core.threat import ThreatModel
 from harness.data.datasets import DatasetSplits, load_dataset, select_eval
+from harness.results.memory import MemoryRun
 from harness.results.store import RunDir
 
 PATH_KEYS = ("model_file", "weights", "path", "root")
@@ -46,13 +47,14 @@ class EvalPlan:
     slots: list[AttackSlot]
     suite_name: str
     semantic: dict[str, Any]
-    run: RunDir
+    run: RunDir | MemoryRun
     device: torch.device
     seed: int
     batch_size: int
     draws: int
     cascade: bool
     extra: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # one-line warnings to print before the run
 
 
 def _semantic_value(key: str, value: Any) -> Any:
@@ -161,14 +163,20 @@ def seed_setting(value: Any, name: str = "seed") -> int:
     return seed
 
 
-def plan_evaluation(cfg: dict[str, Any]) -> EvalPlan:
-    """Validate the whole config and decide the run directory; writes nothing."""
+def plan_evaluation(cfg: dict[str, Any], data: DatasetSplits | None = None, check_defense: bool = True) -> EvalPlan:
+    """Validate the whole config and decide the run directory; writes nothing.
+
+    `data` replaces the configured dataset (in-memory arrays from `harness.evaluate`), and
+    `check_defense=False` skips the defense (the caller brings its own classifier). With
+    `work_dir: null` the run is kept in memory (`harness.results.memory.MemoryRun`).
+    """
     seed = seed_setting(cfg.get("seed", 0))
     batch_size = int_setting(cfg.get("batch_size", 250), "batch_size", 250)
     if batch_size <= 0:
         raise UserError(f"batch_size={batch_size} must be > 0 (e.g. batch_size=250)")
-    work_dir = Path(str(cfg.get("work_dir", "arena-work")))
-    check_writable_dir(work_dir)
+    work_dir = None if cfg.get("work_dir", "arena-work") is None else Path(str(cfg.get("work_dir", "arena-work")))
+    if work_dir is not None:  # None: an in-memory run (harness.evaluate), nothing written
+        check_writable_dir(work_dir)
     _check_board_path(cfg.get("leaderboard"))
     device_name = cfg.get("device", "auto")
     if device_name is None:
@@ -178,8 +186,13 @@ def plan_evaluation(cfg: dict[str, Any]) -> EvalPlan:
     threat = ThreatModel(norm=str(threat_cfg.get("norm", "Linf")), eps=threat_cfg.get("eps", 0.3))
     suite_name, specs = suite_specs(cfg)
     slots = build_slots(specs)
-    build_defense(dict(cfg.get("defense") or {}))  # name and parameters checked before any data work
-    data = load_dataset(dict(cfg.get("dataset") or {}))
+    notes: list[str] = []
+    if check_defense:
+        defense = build_defense(dict(cfg.get("defense") or {}), threat)  # checked before any data work
+    if data is None:
+        data = load_dataset(dict(cfg.get("dataset") or {}))
+    if check_defense:
+        notes = [*DEFENSES.follow_notes(defense, threat_context(threat)), *defense.notes(data.name)]
     n_samples = None if cfg.get("n_samples") is None else int_setting(cfg.get("n_samples"), "n_samples", 1000)
     offset = int_setting(cfg.get("offset", 0) or 0, "offset", 0)
     ids, x, y = select_eval(data, n_samples, offset)
@@ -205,9 +218,9 @@ def plan_evaluation(cfg: dict[str, Any]) -> EvalPlan:
         "shard": shard,
     }
     unsharded = {**semantic, "shard": None}
-    run = RunDir.for_config(work_dir, "runs", semantic)
+    run = MemoryRun.for_config(semantic) if work_dir is None else RunDir.for_config(work_dir, "runs", semantic)
     return EvalPlan(cfg, data, ids, x, y, threat, slots, suite_name, semantic, run, device, seed, batch_size,
                     draws, cascade, extra={"unsharded_hash": stable_hash(unsharded), "shard": shard,
-                                           "first_batch": sl.start // batch_size})
+                                           "first_batch": sl.start // batch_size}, notes=notes)
 
 

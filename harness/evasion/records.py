@@ -42,7 +42,8 @@ def batch_problem(records: pd.DataFrame, meta: dict[str, Any], want: dict[str, A
                   y: list[int]) -> str | None:
     """Why a stored batch does not belong to the plan (None when it does).
 
-    `want` is the `batch_meta` the plan would write; `ids` and `y` the batch's sample ids and labels.
+    `want` is the `batch_meta` the plan would write (with the plan's draws: a deterministic model's
+    batches record 1); `ids` and `y` the batch's sample ids and labels.
     """
     if meta.get("format") != FORMAT:
         return f"it has record format {meta.get('format')!r}, not {FORMAT}"
@@ -51,13 +52,14 @@ def batch_problem(records: pd.DataFrame, meta: dict[str, Any], want: dict[str, A
         ("n_samples", lambda got, exp: f"it holds {got} samples; the plan's batch has {exp}"),
         ("sample_ids_hash", lambda got, exp: "its sample ids differ from the plan's"),
         ("attacks", lambda got, exp: f"its attacks {got} differ from the plan's {exp}"),
-        ("draws", lambda got, exp: f"it was decided over {got} draws; the plan takes {exp}"),
         ("batch", lambda got, exp: f"it is batch {got}, not {exp}"),
         ("run", lambda got, exp: f"it belongs to run {got}"),
     )
     for key, say in checks:
         if meta.get(key) != want[key]:
             return say(meta.get(key), want[key])
+    if meta.get("draws") not in (1, want["draws"]):  # 1 for a deterministic defense, the plan's draws otherwise
+        return f"it was decided over {meta.get('draws')!r} draws; the plan takes {want['draws']} (or 1 for a deterministic model)"
     if set(records.columns) != set(RECORD_COLUMNS):
         extra, missing = sorted(set(records.columns) - set(RECORD_COLUMNS)), sorted(set(RECORD_COLUMNS) - set(records.columns))
         return f"its columns differ from the record schema (missing {missing}, unexpected {extra})"
@@ -72,8 +74,8 @@ def batch_problem(records: pd.DataFrame, meta: dict[str, Any], want: dict[str, A
             return f"the sample ids of stage {label!r} differ from the plan's"
         if part["label"].tolist() != y:
             return f"the labels of stage {label!r} differ from the dataset's"
-    if (records["draws"] != want["draws"]).any():
-        return f"its draws per decision differ from {want['draws']}"
+    if (records["draws"] != meta["draws"]).any():
+        return f"its rows' draws per decision differ from its metadata ({meta['draws']})"
     ran = records["ran"].astype(bool)
     cd = records["correct_draws"]
     if cd.isna().any() or (ran & ((cd < 0) | (cd > records["draws"]))).any() or (~ran & (cd != -1)).any():

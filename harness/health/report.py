@@ -240,10 +240,10 @@ def probe_noise(decider: Decider, x: torch.Tensor, y: torch.Tensor, threat: Thre
 def probe_square(clf: Classifier, decider: Decider, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel,
                  budget: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Square Attack through the counted score oracle: (fooled, queries per sample)."""
-    from attacks.square import Square
+    from harness.core.attack import ATTACKS
     from harness.core.oracle import make_oracle
 
-    attack = Square(budget=int(budget))
+    attack = ATTACKS.build({"name": "square", "budget": int(budget)})
     oracle = make_oracle(clf, attack, x.shape[0], x.device)
     out = attack.run(oracle, x, y, threat, gen)
     x_adv = threat.project(out.x_adv.detach().float(), x)
@@ -607,13 +607,13 @@ def build_surrogate(data: Any, cfg: HealthConfig, device: torch.device, seed: in
     """An undefended model of `cfg.surrogate_model` trained on the dataset's training split (cached)."""
     if data.train_x is None:
         return None, f"dataset {data.name!r} has no training split to train an undefended surrogate on"
-    from harness.core.defense import BuildContext
-    from defenses.standard import Standard
+    from harness.core.defense import DEFENSES, BuildContext
 
-    train = {"epochs": cfg.surrogate_epochs, "batch_size": 128, "optimizer": "adam", "lr": 0.002, "schedule": "cosine"}
+    train = {"epochs": cfg.surrogate_epochs, "batch_size": 128, "optimizer": "adam", "lr": 0.002, "momentum": 0.9,
+             "weight_decay": 5e-4, "schedule": "cosine", "augment": "none", "shuffle": True}
     ctx = BuildContext(data=data, model_cfg={"name": cfg.surrogate_model}, device=device, seed=seed,
                        cache_dir=Path(cache_dir), progress=progress)
-    clf = Standard(train=train).build(ctx).to(device)
+    clf = DEFENSES.build({"name": "standard", "train": train}).build(ctx).to(device)
     clf.info["surrogate"] = {"model": cfg.surrogate_model, "epochs": cfg.surrogate_epochs,
                              "cache_hit": clf.info.get("cache_hit")}
     return clf, ""
@@ -621,22 +621,27 @@ def build_surrogate(data: Any, cfg: HealthConfig, device: torch.device, seed: in
 
 def run_health(clf: Classifier, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, threats: list[ThreatModel],
                cfg: HealthConfig, seed: int, surrogate: Classifier | None = None, surrogate_reason: str = "",
-               log: Callable[[str], None] = lambda s: None) -> dict[str, HealthReport]:
+               log: Callable[[str], None] = lambda s: None, progress: bool = False) -> dict[str, HealthReport]:
     """One report per threat model: model checks (shared), probe checks, then model mode.
 
     `x` are [0, 1] float inputs on the classifier's device (the health subset), `ids` their sample ids.
+    `progress` shows each part as it runs (a spinner on a terminal, one line with its time in logs).
     """
+    from harness.core.progress import stage
+
     n = min(cfg.n_samples, int(x.shape[0]))
     x, y, ids = x[:n], y[:n], ids[:n].cpu()
     start = time.perf_counter()
     torch.manual_seed(seed)
     before = _state(clf.module)
-    shared = model_checks(clf, x, y, ids, cfg)
+    with stage(f"health: model checks on {n} samples", enabled=progress):
+        shared = model_checks(clf, x, y, ids, cfg)
     reports: dict[str, HealthReport] = {}
     for threat in threats:
         t0 = time.perf_counter()
         gen = torch.Generator(device=x.device).manual_seed(seed)
-        checks, curves = attack_checks(clf, x, y, ids, threat, cfg, gen, surrogate, surrogate_reason)
+        with stage(f"health: attack probes at {threat.name}", enabled=progress):
+            checks, curves = attack_checks(clf, x, y, ids, threat, cfg, gen, surrogate, surrogate_reason)
         reports[threat.name] = HealthReport(threat.name, n, [int(i) for i in ids.tolist()], [*shared, *checks], curves,
                                             config=asdict(cfg), wall_s=time.perf_counter() - t0)
         log(f"health {threat.name}: " + ", ".join(f"{k}={v}" for k, v in reports[threat.name].status_counts().items() if v))

@@ -215,7 +215,7 @@ def matrix(df: pd.DataFrame, value: str = "final_acc") -> pd.DataFrame:
         mean, std = row[mean_col], row[std_col]
         if mean != mean:
             return ""
-        return f"{mean:.2f} ± {std:.2f}" if std == std else f"{mean:.2f}"
+        return f"{mean:.1f} ± {std:.1f}" if std == std else f"{mean:.1f}"  # one decimal, as every human surface
 
     cells["cell"] = cells.apply(cell, axis=1)
     context = [c for c in ("dataset", "model", "ratio", "setting") if cells[c].nunique() > 1]

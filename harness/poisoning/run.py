@@ -28,8 +28,10 @@ import torch
 
 from harness.core.atomic import check_writable_dir
 from harness.core.errors import UserError
+from harness.core.formats import pct
 from harness.core.device import resolve_device
 from harness.core.hashing import tensor_hash
+from harness.core.threat import ThreatModel
 from harness.results.store import RunDir, base_manifest
 from harness.data.training import accuracy, to_unit
 
@@ -85,6 +87,12 @@ def defense_spec(cfg: dict[str, Any]) -> dict[str, Any]:
     return spec
 
 
+def training_threat(cfg: dict[str, Any]) -> ThreatModel | None:
+    """The ball defenses that train against a threat follow here (conf/poison.yaml's `threat:`)."""
+    t = cfg.get("threat")
+    return ThreatModel(norm=str(t.get("norm", "Linf")), eps=t.get("eps")) if t else None
+
+
 def plan(cfg: dict[str, Any]) -> tuple[RunDir, dict[str, Any], torch.device]:
     """The run directory and semantic config of `cfg` (validates cheap things, writes nothing)."""
     device = resolve_device(cfg.get("device", "auto"))
@@ -135,13 +143,8 @@ def predictions(model: torch.nn.Module, x: torch.Tensor, device: torch.device, b
 
 def run_poison(cfg: dict[str, Any], overrides: list[str] | None = None, log=print) -> dict[str, Any]:
     """Run (or skip, when finished) one poisoning-track configuration; return its summary."""
-    import attacks.poisons  # noqa: F401  (registers poisons)
-    import defenses  # noqa: F401  (registers defenses)
-    import defenses.augment_baselines  # noqa: F401  (the poisoning track's training defenses)
-    import defenses.iss  # noqa: F401
-    import defenses.ueraser  # noqa: F401
-    from attacks.poisons import apply_poison, build_poison
     from harness.core.defense import BuildContext, build_defense
+    from harness.core.poison import apply_poison, build_poison
 
     run, semantic, device = plan(cfg)
     if run.is_done():
@@ -150,13 +153,14 @@ def run_poison(cfg: dict[str, Any], overrides: list[str] | None = None, log=prin
         problem = run.damage(SAMPLE_COLUMNS)
         if problem is None:
             summary = run.read_json("summary.json") or {}
-            log(f"poison run {run.key} already finished: final clean test acc {summary.get('final_test_acc')}")
+            log(f"poison run {run.key} already finished: final clean test acc {pct(summary.get('final_test_acc'))}")
             return summary
         log(f"[arena] poison run {run.key} ({run.path}) is marked complete but {problem}; recomputing it")
         run.reopen()
     seed = int(semantic["seed"])
     poison = build_poison(semantic["poison"])
-    defense = build_defense(dict(semantic["defense"]))
+    threat = training_threat(cfg)
+    defense = build_defense(dict(semantic["defense"]), threat)
     work_dir = Path(str(cfg.get("work_dir", "arena-work")))
     cache_dir = work_dir / "cache"
     progress = bool(cfg.get("progress", True))
@@ -170,7 +174,7 @@ def run_poison(cfg: dict[str, Any], overrides: list[str] | None = None, log=prin
         return {"test_acc": accuracy(model, test_x, test_y, device=device), "test_n": float(len(test_y))}
 
     ctx = BuildContext(data=poisoned, model_cfg=dict(semantic["model"]), device=device, seed=seed,
-                       cache_dir=cache_dir, progress=progress, on_epoch_end=on_epoch_end)
+                       cache_dir=cache_dir, progress=progress, on_epoch_end=on_epoch_end, threat=threat, log=log)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)  # model initialisation inside build() is then a function of the seed
         classifier = defense.build(ctx)
@@ -230,6 +234,6 @@ def run_poison(cfg: dict[str, Any], overrides: list[str] | None = None, log=prin
     run.write_manifest(manifest)
     curve = pd.DataFrame(history)
     run.finish(samples, summary, extra_files={"history.csv": curve.to_csv(index=False, lineterminator="\n")})
-    log(f"poison={poison.name} defense={defense.name} seed={seed}: final clean test acc {100 * final_acc:.2f}% "
-        f"(best {100 * best_acc:.2f}% at epoch {best_epoch}), train acc on poisoned data {100 * train_acc:.2f}% -> {run.path}")
+    log(f"poison={poison.name} defense={defense.name} seed={seed}: final clean test acc {pct(final_acc)} "
+        f"(best {pct(best_acc)} at epoch {best_epoch}), train acc on poisoned data {pct(train_acc)} -> {run.path}")
     return summary

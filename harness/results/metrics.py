@@ -72,3 +72,14 @@ def accuracies(samples: pd.DataFrame) -> dict[str, Any]:
         "attack_time_s": sum(a["time_s"] for a in attacks.values()),
         "violations": sum(a["violations"] for a in attacks.values()),
     }
+
+
+def stage_counts(samples: pd.DataFrame) -> dict[str, float]:
+    """Per stage, how many samples remain: clean correct (mean over draws), then robust after each attack.
+
+    The same numbers the cascade reports live (`harness.core.progress.stage_done`), recomputed from
+    stored records, e.g. for the batches a resumed run reads back.
+    """
+    acc = accuracies(samples)
+    n = len(per_sample_worst(samples))
+    return {"clean": acc["clean_acc"] * n, **{k: v["robust_acc_after"] * n for k, v in acc["attacks"].items()}}

@@ -37,6 +37,7 @@ import torch
 
 from harness.submit.bundle import CARD_NAME, Bundle, load_bundle, verify_checksum, write_template
 from harness.core.errors import UserError
+from harness.core.formats import pct
 from harness.core.hashing import file_sha256
 
 FAMILY = "submission"
@@ -66,7 +67,7 @@ class SubmitOptions:
     batch_size: int = 250
     check_only: bool = False
     board: bool = True
-    progress: bool = False
+    progress: bool = True  # bars on a terminal, one line per stage in logs (harness.core.progress)
 
 
 @dataclass
@@ -183,7 +184,7 @@ def cap_samples(cfg: dict[str, Any], total: int) -> None:
 
 def check_loading(bundle: Bundle) -> None:
     """Weights readable with weights_only=True and holding a state dict; model.py importable with create()."""
-    from defenses.checkpoint import import_model_file
+    from harness.data.models import import_model_file
     from harness.data.weights import extract_state_dict, load_weights
 
     extract_state_dict(load_weights(bundle.weights_file))
@@ -261,8 +262,6 @@ def check_clean_accuracy(measured: float, declared_pct: float, n: int, sub: dict
 
 def submit(bundle_path: Path | str, opts: SubmitOptions | None = None, log: Callable[[str], None] = print) -> SubmissionResult:
     """Check, health-test and score a bundle; raises `Rejection` naming the failed check."""
-    import attacks  # noqa: F401  (registers attacks)
-    import defenses  # noqa: F401  (registers defenses)
     from harness.core.defense import BuildContext, build_defense
     from harness.evasion import board as leaderboard
     from harness.evasion.run import run_evaluation
@@ -327,7 +326,7 @@ def submit(bundle_path: Path | str, opts: SubmitOptions | None = None, log: Call
     surrogate, why = build_surrogate(data, health_cfg, device, seed, cache_dir, progress=opts.progress)
     nh = min(health_cfg.n_samples, int(x_u8.shape[0]))
     reports = run_health(clf, to_unit(x_u8[:nh], device), y[:nh].to(device), ids[:nh], threats, health_cfg, seed,
-                         surrogate, why)
+                         surrogate, why, progress=opts.progress)
     log(f"  ok  health report: {len(reports)} threat model(s), {sum(r.wall_s for r in reports.values()):.0f} s")
     del clf
 
@@ -361,8 +360,8 @@ def submit(bundle_path: Path | str, opts: SubmitOptions | None = None, log: Call
         result.runs.append(summary)
         result.health[threat.name] = report
         log(format_report(report))
-        log(f"  scored {threat.name} with {suite}: clean {100 * summary['clean_acc']:.2f}%, robust "
-            f"{100 * summary['robust_acc']:.2f}% (n={summary['n_samples']}, seed {seed}); run {summary['run_dir']}")
+        log(f"  scored {threat.name} with {suite}: clean {pct(summary['clean_acc'])}, robust "
+            f"{pct(summary['robust_acc'])} (n={summary['n_samples']}, seed {seed}); run {summary['run_dir']}")
     if opts.board:
         out = Path(opts.work_dir) / "leaderboard" / "evasion.csv"
         leaderboard.build([Path(opts.work_dir)], out)
@@ -402,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--check-only", action="store_true", help="run the acceptance checks only (no health report, no attacks)")
     p.add_argument("--no-board", action="store_true", help="do not rebuild the leaderboard CSV")
-    p.add_argument("--progress", action="store_true", help="show progress bars")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="progress: bars on a terminal, one line per stage in logs (default on)")
     args = p.parse_args(argv)
     if args.template:
         for path in write_template(args.template):

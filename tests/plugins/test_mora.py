@@ -23,6 +23,7 @@ from harness.core.ensemble import make_classifier, make_ensemble_access, scale_s
 from harness.core.errors import UserError
 from harness.core.threat import ThreatModel
 from harness.data.training import to_unit
+from helpers import FixedLogits as Fixed
 
 CPU = torch.device("cpu")
 MODES = ("softmax", "voting", "logits")
@@ -86,17 +87,6 @@ def test_intended_weights_are_the_ensemble_margin_sensitivities():
     assert not torch.allclose(w, wq)
 
 
-class Fixed(nn.Module):
-    """Fixed logits plus a tiny class-independent input term (gradients exist, decisions never move)."""
-
-    def __init__(self, logits: list[float]) -> None:
-        super().__init__()
-        self.register_buffer("bias", torch.tensor(logits))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bias.expand(x.shape[0], -1) + 1e-3 * x.flatten(1).mean(1, keepdim=True)
-
-
 def test_voting_success_is_counted_with_hard_votes():
     """A 1-1-1 vote tie: hard votes (lowest index) say class 0, the sharpened-softmax proxy says 2.
 
@@ -141,7 +131,7 @@ def trained(tmp_path_factory):
     data = load_dataset({"name": "digits"})
     spec = {"name": "ensemble", "members": 3,
             "train": {"epochs": 3, "batch_size": 32, "optimizer": "adam", "lr": 0.005, "weight_decay": 0.0}}
-    ctx = BuildContext(data=data, model_cfg={"name": "small_cnn", "width": 16, "hidden": 32}, device=CPU, seed=0,
+    ctx = BuildContext(data=data, model_cfg={"name": "small_cnn", "width": 16, "hidden": 32, "mean": [0.0], "std": [1.0]}, device=CPU, seed=0,
                        cache_dir=tmp_path_factory.mktemp("cache"), progress=False)
     clf = build_defense(spec).build(ctx)
     return clf, to_unit(data.test_x[:150], CPU), data.test_y[:150]

@@ -8,6 +8,8 @@ examples outside the ball.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import json
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from harness.health.report import (STATUSES, HealthConfig, build_surrogate, chec
                             check_probability_outputs, extra_success_status, mark_summary, run_health, suite_checks,
                             write_report)
 from harness.core.threat import ThreatModel
+from helpers import trained_small_cnn
 
 THREAT = ThreatModel("Linf", 0.3)
 CFG = HealthConfig(n_samples=60, steps=10, eps_factors=(0.5, 1.0, 2.0), noise_draws=10, square_budget=200, surrogate_epochs=2)
@@ -32,14 +35,10 @@ CFG = HealthConfig(n_samples=60, steps=10, eps_factors=(0.5, 1.0, 2.0), noise_dr
 def setup(tmp_path_factory):
     """(trained CNN, eval x in [0,1], y, ids, surrogate classifier)."""
     from harness.data.datasets import load_dataset
-    from harness.data.models import SmallCNN
-    from harness.data.training import TrainConfig, accuracy, to_unit, train
+    from harness.data.training import accuracy, to_unit
 
     data = load_dataset({"name": "digits"})
-    torch.manual_seed(0)  # the initial weights too: the same model on every run
-    net = SmallCNN(1, 10, width=8, hidden=32)
-    train(net, data.train_x, data.train_y, TrainConfig(epochs=8, batch_size=32, optimizer="adam", lr=0.005, weight_decay=0.0),
-          device=torch.device("cpu"), seed=0, progress=False)
+    net = trained_small_cnn(data, epochs=8, lr=0.005)
     assert accuracy(net, data.test_x, data.test_y, device=torch.device("cpu")) > 0.8
     surrogate, why = build_surrogate(data, CFG, torch.device("cpu"), 1, tmp_path_factory.mktemp("cache"))
     assert surrogate is not None, why
@@ -178,6 +177,9 @@ def test_extra_success_thresholds():
 
 
 @register("test_outside_ball")
+
+
+@dataclass
 class OutsideBall(Attack):
     """A broken attack: returns x + 2 eps (outside the ball) for every sample."""
 

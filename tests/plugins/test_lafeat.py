@@ -28,7 +28,7 @@ from harness.data.models import BUILDERS, build_model
 from harness.core.threat import ThreatModel
 from harness.data.training import to_unit
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO
 CPU = torch.device("cpu")
 
 
@@ -173,7 +173,7 @@ def test_layers_cli_lists_layers_and_marks_default(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------
 def test_head_training_keeps_the_model_frozen_and_uses_eval_inputs_without_train_split(tmp_path):
     data = load_dataset({"name": "digits"})
-    model = build_model({"name": "resnet20"}, 10, data.input_shape)  # batch norm: must stay in eval mode
+    model = build_model({"name": "resnet20", "mean": [0.0], "std": [1.0]}, 10, data.input_shape)  # batch norm: must stay in eval mode
     clf = Classifier(model, 10, data.input_shape)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     attack = build_attack({"name": "lafeat", "head_epochs": 1, "head": "linear"})

@@ -16,8 +16,8 @@ import yaml
 from harness.cli.dispatch import main
 from harness.core.atomic import atomic_write_json, strict_dumps
 from harness.core.hashing import file_sha256
+from helpers import BUNDLES, REPO
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def strict_loads(text: str):
@@ -91,7 +91,7 @@ def test_a_submission_writes_strict_json(tmp_path):
                                                                      weight_decay=0.0), device=torch.device("cpu"), seed=0, progress=False)
     acc = accuracy(net, data.test_x[:100], data.test_y[:100], device=torch.device("cpu"))
     bundle = tmp_path / "bundle"
-    shutil.copytree(REPO / "tests" / "bundles" / "clean", bundle)
+    shutil.copytree(BUNDLES / "clean", bundle)
     torch.save({f"net.{k}": v for k, v in net.state_dict().items()}, bundle / "weights.pt")
     card = yaml.safe_load((bundle / "defense.yaml").read_text().replace("FILLED_IN_BY_THE_TEST", file_sha256(bundle / "weights.pt"))
                           .replace("CLEAN_ACCURACY", f"{100 * acc:.1f}"))

@@ -17,35 +17,19 @@ from harness.core.defense import BuildContext, build_defense
 from defenses.ensembles import cross_distilled_accuracy, diversity_summary
 from harness.core.access import PassCounter
 from harness.core.contract import check_classifier
-from harness.data.datasets import load_dataset
 from harness.core.ensemble import Ensemble, forward_members, make_classifier, make_ensemble_access
 from harness.core.errors import UserError
 from harness.core.classifier import Classifier
 from harness.data.training import to_unit
+from helpers import FixedLogits as Fixed
 
 CPU = torch.device("cpu")
-MODEL = {"name": "small_cnn", "width": 16, "hidden": 32}
+MODEL = {"name": "small_cnn", "width": 16, "hidden": 32, "mean": [0.0], "std": [1.0]}
 EPOCH = {"epochs": 1, "batch_size": 32, "optimizer": "adam", "lr": 0.005, "weight_decay": 0.0}
-
-
-class Fixed(nn.Module):
-    """A member whose logits are a fixed vector plus a tiny input-dependent term (so gradients exist)."""
-
-    def __init__(self, logits: list[float]) -> None:
-        super().__init__()
-        self.register_buffer("bias", torch.tensor(logits))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bias.expand(x.shape[0], -1) + 1e-3 * x.flatten(1).mean(1, keepdim=True)
 
 
 def _x(n: int = 2) -> torch.Tensor:
     return torch.full((n, 1, 4, 4), 0.5)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset({"name": "digits"})
 
 
 def _build(digits, tmp_path, name: str, **params):
@@ -127,7 +111,7 @@ def test_trainers_run_an_epoch_and_diversify(digits, tmp_path):
     assert trs["grad_abs_cos"] < ref["grad_abs_cos"] - 0.1
     assert trs["grad_sq_norm"] < ref["grad_sq_norm"]  # smoother members
 
-    dv = _build(digits, tmp_path, "dverge", layer=2)
+    dv = _build(digits, tmp_path, "dverge", layer=2, warmup_epochs=0)  # the one epoch distils (default warm-up: 1)
     kw = dict(layer=2, eps=0.07, alpha=0.007, steps=10)
     assert cross_distilled_accuracy(dv.module, x, y, **kw) > cross_distilled_accuracy(base.module, x, y, **kw)
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from harness.api import run_eval
-from tests.conftest import shared_path
+from helpers import shared_path
 
 CIFAR_X_SHA = "da362006b99671213d1a5d856cab2bedf64d40bad4501630ee60f4ceb2d3ec7f"
 CIFAR_Y_SHA = "6327b0e49549c8cf6ad65317a0fb463ec49ade30d02f63daec6b149052db4922"

@@ -15,9 +15,7 @@ from __future__ import annotations
 import os
 import random
 import signal
-import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Callable
 
@@ -34,10 +32,9 @@ import harness.results.store
 from harness.cli import dispatch as cli
 from harness.evasion.board import COLUMNS
 
-import attacks  # noqa: F401,E402  (imported once here, so the forked children start warm)
-import defenses  # noqa: F401,E402
-import harness.cli.eval  # noqa: F401,E402
-import sklearn.datasets  # noqa: F401,E402
+from helpers import fork_call, records, warm_imports  # noqa: E402
+
+warm_imports()  # once here, so the forked children start warm
 
 SWEEP = ["-m", "dataset=digits", "n_samples=60", "batch_size=10", "defense.train.epochs=2", "attack=pgd",
          "attack.steps=5", "seed=0,1", "progress=false"]
@@ -128,25 +125,7 @@ def install(site: str, n: int) -> None:
 
 def run_cli(argv: list[str], log: Path, site: str | None = None, n: int = 0, delay: float | None = None) -> int | str:
     """Fork, run `arena <argv>` in the child; return its exit code, or 'killed' on SIGKILL."""
-    pid = os.fork()
-    if pid == 0:  # child: never returns into pytest
-        code = 99
-        try:
-            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-            os.dup2(fd, 1)
-            os.dup2(fd, 2)
-            sys.stdout = open(1, "w", buffering=1, closefd=False)  # line-buffered: a kill loses nothing
-            sys.stderr = open(2, "w", buffering=1, closefd=False)
-            torch.set_num_threads(1)
-            if site is not None:
-                install(site, n)
-            code = cli.main(argv)
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
+    pid = fork_call(lambda: cli.main(argv), log, before=(lambda: install(site, n)) if site is not None else None)
     if delay is not None:
         deadline = time.monotonic() + delay
         while time.monotonic() < deadline:
@@ -165,11 +144,7 @@ def run_cli(argv: list[str], log: Path, site: str | None = None, n: int = 0, del
 
 
 def finished_runs(work: Path) -> dict[str, pd.DataFrame]:
-    out = {}
-    for run in sorted((work / "runs").glob("*")) if (work / "runs").is_dir() else []:
-        if (run / "DONE").is_file():
-            out[run.name] = pd.read_parquet(run / "samples.parquet").drop(columns=["time_s"])
-    return out
+    return records(work, finished_only=True)
 
 
 def board(work: Path, drop: list[str] = MEASURED) -> pd.DataFrame:

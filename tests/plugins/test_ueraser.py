@@ -19,11 +19,6 @@ DEVICES = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_avail
 
 
 @pytest.fixture(scope="module")
-def digits():
-    return load_dataset({"name": "digits"})
-
-
-@pytest.fixture(scope="module")
 def mnist_batch():
     data = load_dataset({"name": "mnist5k"})
     return data.train_x[:32].float() / 255.0, data.train_y[:32]

@@ -14,14 +14,8 @@ from defenses.advms import AdvMS
 from harness.core.defense import BuildContext, build_defense
 from defenses.switching import ExpectedModel, FixedPaths, RandomSwitching, split_model
 from harness.core.access import ModelAccess, PassCounter
-from harness.data.datasets import load_dataset
 from harness.core.errors import UserError
 from harness.data.models import build_model
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset({"name": "digits"})
 
 
 def _x(data, n: int = 32) -> torch.Tensor:
@@ -33,7 +27,7 @@ def _seeded(cfg: dict, seed: int, shape=(1, 8, 8)) -> torch.nn.Module:
     return build_model(cfg, 10, shape).eval()
 
 
-CNN = {"name": "small_cnn", "width": 8, "hidden": 32}
+CNN = {"name": "small_cnn", "width": 8, "hidden": 32, "mean": [0.0], "std": [1.0]}
 
 
 def _switching(blocks: int, channels: int, mode: str) -> RandomSwitching:
@@ -215,7 +209,7 @@ RECIPE = {"epochs": 3, "batch_size": 32, "optimizer": "adam", "lr": 0.005}
 
 def test_advms_flat_build_records_multi_cost_and_reuses_channels(digits, tmp_path):
     ctx = _ctx(digits, tmp_path)
-    two = build_defense({"name": "advms", "blocks": 1, "channels": 2, "eps": 0.1, "steps": 1, "train": RECIPE}).build(ctx)
+    two = build_defense({"name": "advms", "blocks": 1, "channels": 2, "eps": 0.1, "norm": "Linf", "steps": 1, "train": RECIPE}).build(ctx)
     assert two.randomized and set(two.views) == {"fixed", "expected"}
     mc = two.info["multi_cost"]
     base = sum(p.numel() for p in build_model(CNN, 10, (1, 8, 8)).parameters())
@@ -230,19 +224,19 @@ def test_advms_flat_build_records_multi_cost_and_reuses_channels(digits, tmp_pat
     ch = two.module.blocks[0]
     assert not torch.equal(ch[0].conv1.weight, ch[1].conv1.weight)  # independent channels
     # S = 3 reuses the two block-0 channels from the cache and trains one more
-    three = AdvMS(blocks=1, channels=3, eps=0.1, steps=1, train=RECIPE).build(ctx)
+    three = AdvMS(blocks=1, channels=3, eps=0.1, norm="Linf", steps=1, train=RECIPE).build(ctx)
     assert [c["cache_hit"] for c in three.info["channels"]] == [True, True, False]
     for a, b in zip(two.module.parameters(), list(three.module.parameters())[: len(list(two.module.parameters()))]):
         assert torch.equal(a, b)
     # one channel: a deterministic model (plain PGD-AT)
-    one = AdvMS(blocks=1, channels=1, eps=0.1, steps=1, train=RECIPE).build(ctx)
+    one = AdvMS(blocks=1, channels=1, eps=0.1, norm="Linf", steps=1, train=RECIPE).build(ctx)
     assert not one.randomized and one.info["multi_cost"]["num_paths"] == 1
 
 
 def test_advms_hierarchical_trains_bottom_up_on_frozen_switching_blocks(digits, tmp_path):
     ctx = _ctx(digits, tmp_path)
-    flat = AdvMS(blocks=1, channels=2, eps=0.1, steps=1, train=RECIPE).build(ctx)
-    hier = AdvMS(blocks=2, channels=2, switching="sample", eps=0.1, steps=1, train=RECIPE, max_expected_paths=3).build(ctx)
+    flat = AdvMS(blocks=1, channels=2, eps=0.1, norm="Linf", steps=1, train=RECIPE).build(ctx)
+    hier = AdvMS(blocks=2, channels=2, switching="sample", eps=0.1, norm="Linf", steps=1, train=RECIPE, max_expected_paths=3).build(ctx)
     assert hier.randomized and hier.info["multi_cost"]["num_paths"] == 4
     assert "expected" not in hier.views  # 4 paths > max_expected_paths
     assert [(c["block"], c["channel"]) for c in hier.info["channels"]] == [(0, 0), (0, 1), (1, 0), (1, 1)]

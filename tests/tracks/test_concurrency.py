@@ -6,51 +6,22 @@ from __future__ import annotations
 import io
 import json
 import os
-import sys
 import time
-import traceback
 from pathlib import Path
 
 import pandas as pd
-import torch
 
-import attacks  # noqa: F401  (imported before forking, so the children start warm)
-import defenses  # noqa: F401
-import harness.cli.eval  # noqa: F401
-import sklearn.datasets  # noqa: F401
 from harness.cli import dispatch as cli
 from harness.evasion import board as leaderboard
 from harness.evasion.board import COLUMNS
+from helpers import fork_call as fork, wait, warm_imports
+
+warm_imports()  # before forking, so the children start warm
 
 BASE = ["dataset=digits", "n_samples=20", "batch_size=10", "defense.train.epochs=1", "attack=pgd", "attack.steps=5",
         "progress=false"]
 WRITERS = ["threat.eps=0.05,0.1", "threat.eps=0.15,0.2", "threat.eps=0.25,0.3", "threat.eps=0.3,0.1,0.2"]
 DISTINCT = 6  # eps in {0.05, 0.1, 0.15, 0.2, 0.25, 0.3}
-
-
-def fork(fn, log: Path) -> int:
-    pid = os.fork()
-    if pid == 0:
-        code = 99
-        try:
-            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-            os.dup2(fd, 1)
-            os.dup2(fd, 2)
-            sys.stdout = open(1, "w", buffering=1, closefd=False)
-            sys.stderr = open(2, "w", buffering=1, closefd=False)
-            torch.set_num_threads(1)
-            code = int(fn() or 0)
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-    return pid
-
-
-def wait(pid: int) -> int:
-    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
 
 def read_loop(csv: Path, stop: Path, report: Path) -> int:

@@ -6,24 +6,25 @@ from __future__ import annotations
 import importlib.util
 import os
 import signal
-import sys
 import time
-import traceback
 from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 import yaml
 from hydra import compose, initialize_config_dir
 
-import attacks  # noqa: F401  (imported before forking)
-import defenses  # noqa: F401
-import harness.cli.eval  # noqa: F401
 from harness.cli import dispatch as cli
 from harness.api import run_eval
 from harness.cli.hydra_app import CONF_DIR
 from harness.core.device import gpu_for_job
+from helpers import fork_cli, records, wait as _wait, warm_imports
+
+warm_imports()  # before forking
+
+
+def wait(pid: int, timeout: float = 300) -> int:
+    return _wait(pid, timeout)
 
 BASE = ["dataset=digits", "n_samples=30", "batch_size=10", "defense.train.epochs=1", "attack=pgd", "attack.steps=5",
         "progress=false"]
@@ -34,48 +35,6 @@ def launcher(name: str) -> str:
     defaults = yaml.safe_load((CONF_DIR / "eval.yaml").read_text()).get("defaults", [])
     listed = any(isinstance(d, dict) and "launcher" in d for d in defaults)
     return f"launcher={name}" if listed else f"+launcher={name}"
-
-
-def fork_cli(argv: list[str], log: Path) -> int:
-    pid = os.fork()
-    if pid == 0:
-        code = 99
-        try:
-            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-            os.dup2(fd, 1)
-            os.dup2(fd, 2)
-            sys.stdout = open(1, "w", buffering=1, closefd=False)
-            sys.stderr = open(2, "w", buffering=1, closefd=False)
-            torch.set_num_threads(1)
-            code = cli.main(argv)
-            ray = sys.modules.get("ray")
-            if ray is not None and ray.is_initialized():
-                ray.shutdown()  # os._exit skips atexit: stop the local Ray instance here
-            loky = sys.modules.get("joblib.externals.loky.reusable_executor")
-            if loky is not None and loky._executor is not None:
-                loky._executor.shutdown(wait=True)  # and joblib's worker processes
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-    return pid
-
-
-def wait(pid: int, timeout: float = 300) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        time.sleep(0.05)
-    os.kill(pid, signal.SIGKILL)
-    raise AssertionError("sweep did not finish in time")
-
-
-def records(work: Path) -> dict[str, pd.DataFrame]:
-    return {p.parent.name: pd.read_parquet(p).drop(columns="time_s") for p in sorted((work / "runs").glob("*/samples.parquet"))}
 
 
 @pytest.fixture(scope="module")

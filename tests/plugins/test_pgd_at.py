@@ -21,12 +21,7 @@ from harness.data.models import build_model
 from harness.core.threat import ThreatModel
 from harness.data.training import TrainConfig, train
 
-CNN = {"name": "small_cnn", "width": 16, "hidden": 64}
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset({"name": "digits"})
+CNN = {"name": "small_cnn", "width": 16, "hidden": 64, "mean": [0.0], "std": [1.0]}
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +85,7 @@ def test_trades_loss_is_ce_plus_beta_kl(digits):
 
 def test_pgd_at_is_deterministic_and_counts_its_passes(digits, tmp_path):
     data = digits.with_train(digits.train_x[:300], digits.train_y[:300])
-    spec = {"name": "pgd_at", "eps": 0.1, "steps": 2, "train": {"epochs": 1, "batch_size": 64}}
+    spec = {"name": "pgd_at", "eps": 0.1, "norm": "Linf", "steps": 2, "train": {"epochs": 1, "batch_size": 64}}
     built = []
     for d in ("a", "b"):
         ctx = BuildContext(data=data, model_cfg=CNN, device=torch.device("cpu"), seed=4, cache_dir=tmp_path / d, progress=False)
@@ -101,7 +96,7 @@ def test_pgd_at_is_deterministic_and_counts_its_passes(digits, tmp_path):
     assert train["forward_passes"] == 300 * (2 + 1)
     assert train["input_grad_passes"] == 300 * 2 and train["backward_passes"] == 300 * 3
     assert built[0].info["adversarial_training"]["method"] == "madry"
-    trades = PGDAT(eps=0.1, steps=2, method="trades", train={"epochs": 1, "batch_size": 64}).build(
+    trades = PGDAT(eps=0.1, norm="Linf", steps=2, method="trades", train={"epochs": 1, "batch_size": 64}).build(
         BuildContext(data=data, model_cfg=CNN, device=torch.device("cpu"), seed=4, cache_dir=tmp_path / "t", progress=False))
     assert trades.info["train"]["backward_passes"] == 300 * (2 + 2)  # KL and CE terms: two graphs
 
@@ -110,7 +105,7 @@ def test_bad_configs_are_user_errors():
     with pytest.raises(UserError, match="method"):
         PGDAT(method="fast")
     with pytest.raises(UserError, match="eps"):
-        PGDAT(eps=2.0)
+        PGDAT(eps=2.0, norm="Linf")
     with pytest.raises(UserError, match="step_size"):
         PGDAT(step_size=0)
 
@@ -119,10 +114,10 @@ def test_pgd_at_beats_standard_training_under_pgd(tmp_path):
     data = load_dataset({"name": "mnist5k"})
     data = data.with_train(data.train_x[::2], data.train_y[::2])  # 2,000 images, 200 per class
     ctx = BuildContext(data=data, model_cfg=CNN, device=torch.device("cpu"), seed=0, cache_dir=tmp_path, progress=False)
-    recipe = {"epochs": 2, "batch_size": 32, "optimizer": "adam", "lr": 0.003}
+    recipe = {"epochs": 2, "batch_size": 32, "optimizer": "adam", "lr": 0.003, "weight_decay": 5e-4}  # one recipe for both
     torch.manual_seed(0)
     std = Standard(train=recipe).build(ctx)
-    at = PGDAT(eps=0.1, steps=3, step_size=0.5, train=recipe).build(ctx)
+    at = PGDAT(eps=0.1, norm="Linf", steps=3, step_size=0.5, train=recipe).build(ctx)
     x, y = data.test_x[:200].float() / 255, data.test_y[:200]
     threat = ThreatModel("Linf", 0.1)
 

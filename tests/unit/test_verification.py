@@ -1,6 +1,8 @@
 """The harness, not the attack, decides success: invalid adversarial examples never count."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pandas as pd
 import torch
 
@@ -10,6 +12,9 @@ from harness.api import run_eval
 
 
 @register("test_out_of_ball")
+
+
+@dataclass
 class OutOfBall(Attack):
     """Broken on purpose: returns x + 3*eps (far outside the ball), which fools any model."""
 
@@ -20,6 +25,9 @@ class OutOfBall(Attack):
 
 
 @register("test_out_of_box")
+
+
+@dataclass
 class OutOfBox(Attack):
     """Broken on purpose: inside the ball but pushed below 0 (outside the image box)."""
 
@@ -30,6 +38,9 @@ class OutOfBox(Attack):
 
 
 @register("test_nan")
+
+
+@dataclass
 class NaNAttack(Attack):
     requires = Capability.GRADIENTS
 

@@ -24,8 +24,7 @@ from harness.core.errors import UserError
 from harness.core.hashing import file_sha256
 from harness.submit.score import Rejection, SubmitOptions, submit
 
-BUNDLES = Path(__file__).resolve().parent / "bundles"
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+from helpers import BUNDLES, SHARED, trained_small_cnn
 SMOKE = "submission_smoke"
 
 
@@ -40,14 +39,10 @@ def _import(path: Path, name: str):
 def trained(tmp_path_factory) -> tuple[dict[str, torch.Tensor], float]:
     """A small CNN trained on the mnist5k training split: (state dict, test accuracy)."""
     from harness.data.datasets import load_dataset
-    from harness.data.models import SmallCNN
-    from harness.data.training import TrainConfig, accuracy, train
+    from harness.data.training import accuracy
 
     data = load_dataset({"name": "mnist5k"})
-    torch.manual_seed(0)  # the initial weights too: the same model on every run
-    net = SmallCNN(1, 10, width=8, hidden=32)
-    train(net, data.train_x, data.train_y, TrainConfig(epochs=3, batch_size=32, optimizer="adam", lr=0.003, weight_decay=0.0),
-          device=torch.device("cpu"), seed=0, progress=False)
+    net = trained_small_cnn(data, epochs=3)
     acc = accuracy(net, data.test_x, data.test_y, device=torch.device("cpu"))
     assert acc > 0.75, f"the test CNN trained badly ({acc:.3f}); the verdicts below would mean little"
     return net.state_dict(), acc
@@ -62,6 +57,8 @@ def make_bundle(tmp_path_factory, trained):
     def make(example: str, **card_changes) -> Path:
         dst = root / f"{example}-{len(list(root.iterdir()))}"
         shutil.copytree(BUNDLES / example, dst)
+        if not (dst / "model.py").exists():  # a bundle that differs from `clean` only in its card
+            shutil.copy(BUNDLES / "clean" / "model.py", dst / "model.py")
         module = _import(dst / "model.py", f"bundle_{dst.name.replace('-', '_')}").create()
         for part in getattr(module, "members", None) or [module.net]:
             part.load_state_dict(state)

@@ -29,7 +29,7 @@ from harness.core.oracle import (
 from harness.core.threat import ThreatModel
 from harness.data.training import TrainConfig, train
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO
 N_EVAL = 24
 # ZO-NGD settings for MNIST-size inputs (see docs/zo_ngd.md for the tuning behind them)
 NGD_MNIST = dict(name="zo_ngd", q=20, mu=1.0, eta=200.0, lam=1e4, iterations=None)

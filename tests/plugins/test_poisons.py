@@ -4,6 +4,8 @@ Real data throughout: 400 mnist5k training digits (and 8x8 sklearn digits where 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import math
 
 import pytest
@@ -90,6 +92,7 @@ def test_rounding_never_pushes_a_sample_over_its_l2_budget():
 
 def test_a_poison_that_breaks_its_budget_is_refused(mnist):
     @register_poison("_too_loud")
+    @dataclass
     class TooLoud(Poison):
         def budget(self, input_shape):
             return Budget("Linf", 0.01)
@@ -103,7 +106,7 @@ def test_a_poison_that_breaks_its_budget_is_refused(mnist):
         with pytest.raises(PoisonBudgetError, match="outside its budget"):
             generate(poison, mnist.train_x, mnist.train_y, num_classes=10, seed=0, device=CPU)
     finally:
-        REGISTRY.pop("_too_loud", None)
+        REGISTRY.unregister("_too_loud")
 
 
 @pytest.mark.parametrize("name", ["lsp", "ar", "ops"])
