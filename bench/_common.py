@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from harness.core.atomic import strict_dumps  # strict JSON: null, never NaN
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("ARENA_SHARED") or REPO.parent / "shared")  # ARENA_SHARED: a checkout elsewhere
 RESULTS = REPO / "bench" / "results"
@@ -42,6 +44,6 @@ def machine() -> dict[str, Any]:
 
 def write_results(name: str, payload: dict[str, Any], markdown: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+    (RESULTS / f"{name}.json").write_text(strict_dumps(payload) + "\n")
     (RESULTS / f"{name}.md").write_text(markdown.rstrip() + "\n")
     print(f"wrote {RESULTS / name}.json and .md")

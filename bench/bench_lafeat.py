@@ -41,6 +41,7 @@ from harness.core.features import make_feature_access  # noqa: E402
 from harness.core.hashing import module_hash  # noqa: E402
 from harness.core.threat import ThreatModel  # noqa: E402
 from harness.data.training import to_unit  # noqa: E402
+from harness.core.atomic import strict_dumps  # noqa: E402  (strict JSON: null, never NaN)
 
 SHARED = ROOT.parent / "shared"
 RESULTS = ROOT / "bench" / "results"
@@ -235,7 +236,7 @@ def _store(stored: dict[str, Any], json_path: Path, args: argparse.Namespace, ar
     stored["runs"].append({"command": "python bench/bench_lafeat.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,
                            "threads": args.threads})
-    json_path.write_text(json.dumps(stored, indent=1) + "\n")
+    json_path.write_text(strict_dumps(stored, indent=1) + "\n")
     _render(stored)
 
 

@@ -27,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from harness.core.atomic import strict_dumps  # strict JSON: null, never NaN
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -255,17 +256,17 @@ def main(argv: list[str] | None = None) -> int:
         "planned_cells_not_run": [{"poison": p, "defense": d, "seed": s} for p, d, s in missing],
         "rows": json.loads(board.drop(columns=["git"]).to_json(orient="records")),
     }
-    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    (args.out / f"{args.name}.json").write_text(strict_dumps(result) + "\n")
 
     yes = {True: "yes", False: "**no**", None: "not run"}
     train_cfg = setup.get("train") or {}
     md = [
         "# Poisoning benchmark: poison x defense, clean test accuracy (%), converged recipe", "",
         f"Command: `{command}` (resumable: finished runs are skipped).  ",
-        f"Recipe (`experiment={args.experiment}`): dataset {json.dumps(setup.get('dataset'))}, "
+        f"Recipe (`experiment={args.experiment}`): dataset {strict_dumps(setup.get('dataset'), indent=None)}, "
         f"train_n {setup.get('train_n')} (class-balanced), test_n {setup.get('test_n') or 'all (10,000)'}, "
-        f"model {json.dumps(setup.get('model'))}, training {json.dumps(train_cfg, sort_keys=True)}; "
-        f"per-defense overrides {json.dumps(DEFENSE_OVERRIDES)}.  ",
+        f"model {strict_dumps(setup.get('model'), indent=None)}, training {strict_dumps(train_cfg, indent=None)}; "
+        f"per-defense overrides {strict_dumps(DEFENSE_OVERRIDES, indent=None, sort_keys=False)}.  ",
         f"{int(board['n_seeds'].sum())} runs on {machine['platform']}, {machine['cpus']} CPUs shared with other jobs, "
         f"one torch thread; the runs' wall times sum to {run_wall:.0f} s (**measured under load**; "
         f"load average at report time {machine['load_avg_at_report']}).", "",

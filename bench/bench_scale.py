@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from harness.core.atomic import strict_dumps  # strict JSON: null, never NaN
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -181,7 +182,7 @@ def main() -> None:
                              "peak_rss_mb": round(rss["slope"] * 1000, 2)},
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "scale.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "scale.json").write_text(strict_dumps(result) + "\n")
 
     lines = [
         "# Scale: cost of `arena eval` vs number of samples",

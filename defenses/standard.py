@@ -16,6 +16,7 @@ from torch import nn
 from harness.core.defense import BuildContext, Defense, register
 from harness.data.weights import cached_training
 from harness.core.classifier import Classifier
+from harness.core.contract import probe_input
 from harness.core.hashing import stable_hash
 from harness.data.models import build_model, model_spec
 from harness.data.training import LossFn, TrainConfig, ce_loss, train
@@ -54,6 +55,7 @@ def train_defended(
     if module is None:
         torch.manual_seed(ctx.seed)  # initial weights are part of what the cache key promises
         module = build_model(ctx.model_cfg, data.num_classes, data.input_shape)
+    probe_input(module, data.input_shape, data.name)  # a shape the model cannot take: one line, before training
     # the resolved recipe joins the key: a default that changes meaning (SGD was silently Nesterov
     # before `nesterov` existed) must not reuse a checkpoint trained under the old one
     recipe = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(train_cfg).items()}

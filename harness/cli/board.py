@@ -1,4 +1,9 @@
-"""`arena board`: build, check and browse the leaderboards (terminal table, HTML page, plots)."""
+"""`arena board`: build, check and browse the leaderboards (terminal table, HTML page, plots).
+
+`arena board check` verifies the store: every finished run's files (present, parseable, this
+run's, records matching the manifest) and the leaderboard CSVs (columns, types), one line per
+problem, exit status 1 when any is found.
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,8 +12,52 @@ from pathlib import Path
 
 from harness.core.errors import UserError
 
-BOARD_VIEW = ["defense", "model", "dataset", "threat", "suite", "n_samples", "clean_acc", "robust_acc",
-              "best_known_acc", "forward_per_sample", "queries_per_sample", "randomized", "masking_suspected"]
+BOARD_VIEW = ["defense", "model", "dataset", "data_hash", "threat", "suite", "attacks_hash", "n_samples", "clean_acc",
+              "robust_acc", "best_known_acc", "forward_per_sample", "queries_per_sample", "randomized", "upper_bound",
+              "masking_suspected"]
+
+
+def poisoning_schema() -> dict:
+    """`harness.evasion.board.read` arguments for the poisoning board's CSV."""
+    board = importlib.import_module("harness.poisoning.board")
+    cols = list(board.COLUMNS)
+    floats = tuple(c for c in cols if c.endswith(("_mean", "_std", "_s", "_per_sample")) or c in ("ratio", "clean_acc", "acc_drop"))
+    ints = tuple(c for c in ("n_seeds", "epochs", "n_train", "n_poisoned", "n_test") if c in cols)
+    return {"columns": cols, "floats": floats, "ints": ints, "bools": (), "required": tuple(c for c in board.KEY if c in cols)}
+
+
+def check_store(work_dirs: list[Path], csvs: list[Path]) -> int:
+    """`arena board check`: one line per damaged run or bad CSV; 0 when all is well, else 1."""
+    from harness.evasion import board as leaderboard
+    from harness.evasion.records import run_damage
+    from harness.poisoning.board import RUN_KIND, SAMPLE_COLUMNS
+    from harness.results.store import all_runs
+
+    problems = ok = unfinished = 0
+    for wd in work_dirs:
+        for kind, command, damage in (("runs", "arena eval", run_damage),
+                                      (RUN_KIND, "arena poison", lambda r: r.damage(SAMPLE_COLUMNS))):
+            for run in all_runs(wd, kind):
+                if not run.is_done():
+                    unfinished += 1
+                    continue
+                problem = damage(run)
+                if problem is None:
+                    ok += 1
+                else:
+                    problems += 1
+                    print(f"damaged run {run.key} ({run.path}): {problem}; {leaderboard.recompute_hint(run, command)}")
+    for csv in csvs:
+        if not csv.is_file():
+            continue
+        schema = poisoning_schema() if csv.name.startswith("poisoning") else {}
+        try:
+            leaderboard.read(csv, **schema)
+        except UserError as exc:
+            problems += 1
+            print(f"bad {exc}")
+    print(f"{ok} finished run(s) whole, {problems} problem(s), {unfinished} unfinished run(s) (resumed by their next `arena eval`)")
+    return 1 if problems else 0
 
 
 def export_main(argv: list[str]) -> int:
@@ -44,13 +93,14 @@ def board_main(argv: list[str]) -> int:
     from harness.results.terminal import print_board
 
     p = argparse.ArgumentParser(prog="arena board", description="Build or browse the leaderboards.")
-    p.add_argument("action", nargs="?", default="show", choices=["show", "build", "html", "plot"])
+    p.add_argument("action", nargs="?", default="show", choices=["show", "build", "check", "html", "plot"])
     p.add_argument("out", nargs="?", help="output file for `html`, output directory for `plot`")
     p.add_argument("--track", default="evasion", choices=["evasion", "poisoning"])
     p.add_argument("--work-dir", action="append", type=Path, help="work dir(s) with runs/ (default ./arena-work)")
     p.add_argument("--csv", type=Path, help="leaderboard CSV (default <work-dir>/leaderboard/<track>.csv)")
     p.add_argument("--dataset"); p.add_argument("--threat"); p.add_argument("--defense"); p.add_argument("--suite")
-    p.add_argument("--sort", default=None, help="column to sort by (default robust_acc, descending)")
+    p.add_argument("--sort", default=None, help="column to sort by, descending (default: the board's ranking by "
+                                                 "best_known_acc; upper-bound rows always after the others)")
     p.add_argument("--ascending", action="store_true")
     p.add_argument("--columns", help="comma-separated columns to show")
     p.add_argument("--matrix", action="store_true", help="poisoning: show the poison x defense matrix")
@@ -58,13 +108,19 @@ def board_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     work_dirs = args.work_dir or [Path("arena-work")]
     csv = args.csv or work_dirs[0] / "leaderboard" / f"{args.track}.csv"
+    if args.action == "check":
+        csvs = [args.csv] if args.csv else [work_dirs[0] / "leaderboard" / f"{t}.csv" for t in ("evasion", "poisoning")]
+        return check_store(work_dirs, csvs)
     if args.track == "poisoning":
         board = importlib.import_module("harness.poisoning.board")
+        for col in ("threat", "suite"):
+            if getattr(args, col) is not None:
+                raise UserError(f"--{col} does not apply to the poisoning leaderboard (filters: --dataset, --defense)")
         if args.action == "build":
             df = board.build_poisoning_board(work_dirs[0], csv)
             print(f"wrote {csv} ({len(df)} rows)")
             return 0
-        df = leaderboard.read(csv)
+        df = leaderboard.read(csv, **poisoning_schema())
         if args.matrix:
             print("clean test accuracy (%), final epoch, mean ± std over seeds [training accuracy on the data the defender got]")
             print(board.matrix(df, beside="train_acc").to_string())
@@ -82,7 +138,11 @@ def board_main(argv: list[str]) -> int:
     else:
         if args.action == "build":
             df = leaderboard.build(work_dirs, csv)
-            print(f"wrote {csv} ({len(df)} rows)")
+            skipped = df.attrs.get("damaged") or []
+            note = f", {len(skipped)} damaged run(s) skipped: `arena board check` lists them" if skipped else ""
+            if not any((Path(wd) / "runs").is_dir() for wd in work_dirs):
+                note += f"; no runs/ under {', '.join(str(wd) for wd in work_dirs)} yet"
+            print(f"wrote {csv} ({len(df)} rows{note})")
             return 0
         df = leaderboard.read(csv)
     for col in ("dataset", "threat", "defense", "suite"):
@@ -105,15 +165,18 @@ def board_main(argv: list[str]) -> int:
         html.write_html(df, Path(args.out), title=f"RobustArena {args.track} leaderboard")
         print(f"wrote {args.out}")
         return 0
-    sort = args.sort or ("robust_acc" if "robust_acc" in df.columns else df.columns[0])
-    if sort not in df.columns:
-        raise UserError(f"--sort {sort!r} is not a column; choose one of: {', '.join(df.columns)}")
-    df = df.sort_values(sort, ascending=args.ascending, kind="stable")
+    if args.sort is not None:
+        if args.sort not in df.columns:
+            raise UserError(f"--sort {args.sort!r} is not a column; choose one of: {', '.join(df.columns)}")
+        keys = (["upper_bound"] if "upper_bound" in df.columns and args.sort != "upper_bound" else []) + [args.sort]
+        df = df.sort_values(keys, ascending=[True] * (len(keys) - 1) + [args.ascending], kind="stable")
+    elif args.ascending:
+        raise UserError("--ascending needs --sort COLUMN")
     cols = args.columns.split(",") if args.columns else [c for c in BOARD_VIEW if c in df.columns] or list(df.columns)
     if args.track == "evasion" and not args.columns:
         board_html = importlib.import_module("harness.results.html")
         df = df.assign(flags=df.apply(board_html.flags_text, axis=1))
-        cols = [c for c in cols if c not in ("randomized", "masking_suspected")] + ["flags"]
+        cols = [c for c in cols if c not in ("randomized", "upper_bound", "masking_suspected")] + ["flags"]
         if args.attacks:
             before = set(df.columns)
             df = board_html.expand_cascade(df)

@@ -35,8 +35,17 @@ def eval_task(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
+def eval_precheck(cfg: DictConfig) -> None:
+    """Plan one composed configuration of a sweep (validates every value, writes nothing)."""
+    import attacks  # noqa: F401  (registers attacks)
+    import defenses  # noqa: F401  (registers defenses)
+    from harness.evasion.plan import plan_evaluation
+
+    plan_evaluation(to_plain(cfg))
+
+
 def main(argv: list[str]) -> int:
     from harness.cli.help_text import show_job_config
 
     shown = show_job_config("eval", argv, prog="arena eval")  # --cfg job with attack=NAME: what will run
-    return shown if shown is not None else run_hydra_app("eval", eval_task, argv, prog="arena eval")
+    return shown if shown is not None else run_hydra_app("eval", eval_task, argv, prog="arena eval", precheck=eval_precheck)

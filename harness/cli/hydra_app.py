@@ -58,8 +58,13 @@ def _override_values(override: Any) -> list[Any]:
     return [override.value()]
 
 
-def validate_overrides(config_name: str, overrides: list[str], multirun: bool = True) -> None:
-    """Raise `UserError` for any override Hydra would reject, one line each (`multirun`: -m given)."""
+def validate_overrides(config_name: str, overrides: list[str], multirun: bool = True,
+                       precheck: Callable[[DictConfig], None] | None = None) -> None:
+    """Raise `UserError` for any override Hydra would reject, one line each (`multirun`: -m given).
+
+    `precheck(cfg)` (e.g. planning the evaluation) runs on every composed combination as well, so
+    a bad value anywhere in a sweep is refused before Hydra writes its sweep directory.
+    """
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException, OverrideParseException
@@ -108,6 +113,9 @@ def validate_overrides(config_name: str, overrides: list[str], multirun: bool = 
                 msg = " ".join(str(exc).split())
                 raise UserError(f"bad override in {' '.join(combo)!r}: {msg[:300]}") from None
             _check_types(defaults_cache[groups], items)
+        if precheck is not None:
+            for combo in combos:
+                precheck(compose(config_name=config_name, overrides=combo))
 
 
 _UNSET = object()
@@ -183,14 +191,21 @@ def _multirun_job() -> str | None:
         return None
 
 
-def run_hydra_app(config_name: str, task: Callable[[DictConfig], Any], argv: list[str], prog: str) -> int:
-    """Validate `argv`, then run `task` under Hydra (`@hydra.main` semantics, incl. -m and --help)."""
+def run_hydra_app(config_name: str, task: Callable[[DictConfig], Any], argv: list[str], prog: str,
+                  precheck: Callable[[DictConfig], None] | None = None) -> int:
+    """Validate `argv`, then run `task` under Hydra (`@hydra.main` semantics, incl. -m and --help).
+
+    For a `-m` sweep, `precheck` (planning, no work, no writes) runs on every swept value first:
+    a bad value is one line and exit status 2 before Hydra creates the sweep directory. A single
+    run plans inside `task`, and Hydra itself writes nothing for it (conf/eval.yaml's hydra: section).
+    """
     import hydra
 
     overrides, multirun, introspect = split_args(argv)
     try:
         if not introspect or "--cfg" in argv or "-c" in argv:
-            validate_overrides(config_name, overrides, multirun=multirun)
+            validate_overrides(config_name, overrides, multirun=multirun,
+                               precheck=precheck if multirun and not introspect else None)
     except UserError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2

@@ -39,5 +39,21 @@ def poison_task(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
+def poison_precheck(cfg: DictConfig) -> None:
+    """Plan one composed configuration of a sweep (validates cheap values, writes nothing)."""
+    import attacks.poisons  # noqa: F401  (registers poisons)
+    import defenses  # noqa: F401  (registers defenses)
+    import defenses.augment_baselines  # noqa: F401  (the poisoning track's training defenses)
+    import defenses.iss  # noqa: F401
+    import defenses.ueraser  # noqa: F401
+    from attacks.poisons import build_poison
+    from harness.core.defense import build_defense
+    from harness.poisoning.run import plan
+
+    _, semantic, _ = plan(to_plain(cfg))
+    build_poison(semantic["poison"])  # names and parameters (the training recipe too) checked here
+    build_defense(dict(semantic["defense"]))
+
+
 def main(argv: list[str]) -> int:
-    return run_hydra_app("poison", poison_task, argv, prog="arena poison")
+    return run_hydra_app("poison", poison_task, argv, prog="arena poison", precheck=poison_precheck)

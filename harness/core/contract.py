@@ -12,20 +12,60 @@ from harness.core.classifier import Classifier
 from harness.core.errors import UserError
 
 
+def input_error(exc: Exception, shape: tuple[int, ...], dataset: str) -> UserError:
+    """The one-line error for a model that cannot take the dataset's images."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+    c, h, w = shape[-3:]
+    return UserError(f"the model cannot take {c}x{h}x{w} images from dataset {dataset!r} ({type(exc).__name__}: {first}); "
+                     f"choose a model= (or defense.model_file) built for {c}x{h}x{w} inputs, or another dataset=")
+
+
 @torch.no_grad()
-def check_classifier(clf: Classifier, x: torch.Tensor) -> None:
-    """Raise `UserError` naming the first contract violation found on the probe batch `x`."""
+def probe_input(module: torch.nn.Module, shape: tuple[int, ...], dataset: str) -> None:
+    """One forward pass on blank images of the dataset's shape, before any training or attack:
+    an architecture that cannot take them fails here with one line, not deep inside a training
+    step. The random number generators are left as they were (training stays reproducible)."""
+    param = next(module.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            module(torch.zeros(2, *shape[-3:], device=device))
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        raise input_error(exc, shape, dataset) from None
+    finally:
+        module.train(was_training)
+
+
+@torch.no_grad()
+def check_classifier(clf: Classifier, x: torch.Tensor, dataset: str = "the dataset", max_label: int | None = None) -> None:
+    """Raise `UserError` naming the first contract violation found on the probe batch `x`.
+
+    `dataset` and `max_label` (the largest label in its test split) only word the messages.
+    """
     module = clf.module
     if module.training:
         raise UserError("the model is in training mode; the harness evaluates models in eval() mode (call model.eval())")
-    out = module(x)
+    try:
+        out = module(x)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        raise input_error(exc, tuple(x.shape), dataset) from None
     if isinstance(out, (tuple, list, dict)):
         raise UserError(f"the model returns a {type(out).__name__}, not a logits tensor of shape (N, C); return only the logits")
     if not torch.is_tensor(out) or out.dim() != 2 or out.shape[0] != x.shape[0]:
         shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
         raise UserError(f"the model's output has shape {shape} for {x.shape[0]} inputs; it must be logits of shape (N, C)")
     if out.shape[1] != clf.num_classes:
-        raise UserError(f"the model returns {out.shape[1]} classes but the dataset has {clf.num_classes}; check model= / dataset=")
+        if max_label is not None and max_label >= out.shape[1]:
+            raise UserError(f"dataset {dataset!r} has label {max_label} but the model returns {out.shape[1]} classes "
+                            f"(labels 0..{out.shape[1] - 1}); fix the labels, or use a model with {max_label + 1} outputs")
+        raise UserError(f"the model returns {out.shape[1]} classes but dataset {dataset!r} has {clf.num_classes}; "
+                        f"check model= / dataset= (or set dataset.num_classes={out.shape[1]})")
     if not torch.isfinite(out).all():
         raise UserError("the model's output contains NaN or Inf on clean inputs; fix the model or its weights")
     looks_like_probs = bool((out >= 0).all() and (out <= 1).all() and torch.allclose(out.sum(1), torch.ones_like(out[:, 0]), atol=1e-4))

@@ -44,14 +44,23 @@ def auto_cuda_device() -> str:
     return "cuda" if n <= 1 else f"cuda:{gpu_for_job(current_job_num(), n)}"
 
 
+SUPPORTED = ("cpu", "cuda")  # what the harness runs on and is tested on
+
+
 def resolve_device(name: str) -> torch.device:
-    """`auto` picks CUDA when present; an explicit `cuda` without a GPU is a user error."""
+    """`auto` picks CUDA when present; an explicit `cuda` without a GPU, an index past the visible
+    GPUs, or a device type the harness does not run on (meta, mps, xla, ...) is a user error."""
     if name in (None, "auto"):
         return torch.device(auto_cuda_device() if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
-    except RuntimeError:
+    except (RuntimeError, TypeError, ValueError):
         raise UserError(f"device={name!r} is not a device; use auto, cpu or cuda[:N]") from None
+    if device.type not in SUPPORTED:
+        raise UserError(f"device={name!r} is not supported (the harness runs on cpu and cuda); use device=auto, cpu or cuda[:N]")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device={name!r} but no CUDA GPU is visible; use device=auto or device=cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= visible_gpus():
+        raise UserError(f"device={name!r} but only {visible_gpus()} CUDA GPU(s) are visible (cuda:0..cuda:{visible_gpus() - 1}); "
+                        f"use device=auto or a visible index")
     return device

@@ -5,6 +5,7 @@ Every attack works in [0, 1] image space; the harness re-checks whatever an atta
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -26,8 +27,10 @@ class ThreatModel:
     def __post_init__(self) -> None:
         if self.norm not in NORMS:
             raise UserError(f"threat.norm={self.norm!r} is not supported; use one of: {', '.join(NORMS)}")
-        if not isinstance(self.eps, (int, float)) or not self.eps > 0:
+        if not isinstance(self.eps, (int, float)) or isinstance(self.eps, bool) or not self.eps > 0:
             raise UserError(f"threat.eps={self.eps!r} must be > 0; e.g. threat.eps=0.031 (8/255)")
+        if not math.isfinite(self.eps):
+            raise UserError(f"threat.eps={self.eps!r} must be a finite radius; e.g. threat.eps=0.5 for L2, 0.031 (8/255) for Linf")
         if self.norm == "Linf" and self.eps > 1:
             raise UserError(
                 f"threat.eps={self.eps} exceeds 1 for Linf on [0,1] images; use a fraction such as 0.031 (8/255)"

@@ -138,6 +138,10 @@ def load_npz_arrays(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise UserError(f"{path}: x has shape {x.shape}; expected (N, H, W) or (N, H, W, C) with C in (1, 3)")
     if y.ndim != 1 or y.shape[0] != x.shape[0] or not np.issubdtype(y.dtype, np.integer):
         raise UserError(f"{path}: y has shape {y.shape} and dtype {y.dtype}; expected integer labels of shape ({x.shape[0]},)")
+    if x.shape[0] == 0:
+        raise UserError(f"{path} holds no images (x has shape {x.shape}); give a file with at least one image")
+    if min(x.shape[1:3]) == 0:
+        raise UserError(f"{path}: x has shape {x.shape}, images of size zero; give images of at least 1x1 pixels")
     return x, y.astype(np.int64)
 
 
@@ -336,11 +340,13 @@ def _check_labels(splits: DatasetSplits) -> None:
 def select_eval(splits: DatasetSplits, n_samples: int | None, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The evaluation subset: (ids, x uint8, y), the first `n_samples` test images after `offset`."""
     total = splits.test_x.shape[0]
+    if total == 0:
+        raise UserError(f"dataset {splits.name!r} has no test images; give a dataset with at least one")
+    if n_samples is not None and int(n_samples) <= 0:
+        raise UserError(f"n_samples={n_samples} must be positive (n_samples=null evaluates the whole test split)")
     if offset < 0 or offset >= total:
         raise UserError(f"dataset.offset={offset} is outside 0..{total - 1} for {splits.name}")
-    n = total - offset if n_samples in (None, 0) else int(n_samples)
-    if n < 0:
-        raise UserError(f"n_samples={n_samples} must be positive")
+    n = total - offset if n_samples is None else int(n_samples)
     if offset + n > total:
         raise UserError(
             f"n_samples={n_samples} (offset {offset}) exceeds the {total} test images of {splits.name}; "

@@ -56,6 +56,10 @@ class TrainConfig:
             raise UserError(f"train.augment={self.augment!r} unknown; use one of: {', '.join(AUGMENTS)}")
         if self.crop_pad is not None and not 0 <= int(self.crop_pad) <= 16:
             raise UserError(f"train.crop_pad={self.crop_pad} must be in 0..16 pixels (or null for the default)")
+        for key in ("epochs", "batch_size"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise UserError(f"train.{key}={value!r} must be an integer")
         if self.epochs < 0:
             raise UserError(f"train.epochs={self.epochs} must be >= 0")
         if self.batch_size <= 0:
@@ -69,6 +73,12 @@ class TrainConfig:
                             f"train.gamma={self.gamma} > 0 (e.g. milestones [0.5, 0.75], gamma 0.1)")
         if not 0.0 <= self.warmup < 1.0:
             raise UserError(f"train.warmup={self.warmup} must be in [0, 1) (share of steps of the onecycle ramp)")
+        for key, ok, want in (("lr", lambda v: v > 0, "> 0, e.g. train.lr=0.05"),
+                              ("momentum", lambda v: 0 <= v < 1, "in [0, 1), e.g. train.momentum=0.9"),
+                              ("weight_decay", lambda v: v >= 0, ">= 0, e.g. train.weight_decay=5e-4")):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or not ok(value):
+                raise UserError(f"train.{key}={value!r} must be a finite number {want}")
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any] | None) -> "TrainConfig":

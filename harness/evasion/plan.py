@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from harness.core.atomic import check_writable_dir
 from harness.core.attack import Attack, build_attack
 from harness.core.defense import DEFENSES, build_defense, threat_context
 from harness.core.device import resolve_device
@@ -118,7 +119,9 @@ def build_slots(specs: list[dict[str, Any]]) -> list[AttackSlot]:
 
 def int_setting(value: Any, name: str, example: int) -> int:
     """An integer from the config (null or text -> one-line UserError, not a TypeError deep inside)."""
-    ok = isinstance(value, (int, float, str)) and not isinstance(value, bool)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value  # exact, however large (the caller checks the range)
+    ok = isinstance(value, (float, str))
     if ok:
         try:
             number = float(value)
@@ -127,11 +130,37 @@ def int_setting(value: Any, name: str, example: int) -> int:
             ok = False
     if not ok:
         raise UserError(f"{name}={_show(value)} must be an integer (e.g. {name}={example})")
-    return int(number)
+    return int(str(value)) if isinstance(value, str) and str(value).strip().lstrip("+-").isdigit() else int(number)
 
 
 def _show(value: Any) -> str:
     return "null" if value is None else str(value)
+
+
+def _check_board_path(board: Any) -> None:
+    """`leaderboard.path` must name a file the board can be written to (when the config has a
+    leaderboard section, as `arena eval`'s does, and updates it)."""
+    if board is None:
+        return  # library use: the caller builds no board
+    board = dict(board)
+    if board.get("update", True) is False:
+        return
+    path = board.get("path")
+    if path in (None, "") or str(path).endswith(("/", "\\")) or Path(str(path)).is_dir():
+        raise UserError(f"leaderboard.path={_show(path) or chr(39) * 2} must name a CSV file "
+                        f"(e.g. leaderboard.path=arena-work/leaderboard/evasion.csv), or set leaderboard.update=false")
+    check_writable_dir(Path(str(path)).parent, key="leaderboard.path", value=path)
+
+
+SEED_MAX = 2**63 - 1  # torch.manual_seed and numpy's generators take any seed in 0..2**63-1
+
+
+def seed_setting(value: Any, name: str = "seed") -> int:
+    """The run seed: an integer in 0..2**63-1 (a larger one overflows torch's generators)."""
+    seed = int_setting(value, name, 0)
+    if not 0 <= seed <= SEED_MAX:
+        raise UserError(f"{name}={seed} is outside 0..{SEED_MAX}; use a smaller seed (e.g. {name}=0)")
+    return seed
 
 
 def plan_evaluation(cfg: dict[str, Any], data: DatasetSplits | None = None, check_defense: bool = True) -> EvalPlan:
@@ -141,11 +170,18 @@ def plan_evaluation(cfg: dict[str, Any], data: DatasetSplits | None = None, chec
     `check_defense=False` skips the defense (the caller brings its own classifier). With
     `work_dir: null` the run is kept in memory (`harness.results.memory.MemoryRun`).
     """
-    seed = int_setting(cfg.get("seed", 0), "seed", 0)
+    seed = seed_setting(cfg.get("seed", 0))
     batch_size = int_setting(cfg.get("batch_size", 250), "batch_size", 250)
     if batch_size <= 0:
         raise UserError(f"batch_size={batch_size} must be > 0 (e.g. batch_size=250)")
-    device = resolve_device(str(cfg.get("device", "auto")))
+    work_dir = None if cfg.get("work_dir", "arena-work") is None else Path(str(cfg.get("work_dir", "arena-work")))
+    if work_dir is not None:  # None: an in-memory run (harness.evaluate), nothing written
+        check_writable_dir(work_dir)
+    _check_board_path(cfg.get("leaderboard"))
+    device_name = cfg.get("device", "auto")
+    if device_name is None:
+        raise UserError("device=null is not a device; use auto, cpu or cuda[:N]")
+    device = resolve_device(str(device_name))
     threat_cfg = dict(cfg.get("threat") or {})
     threat = ThreatModel(norm=str(threat_cfg.get("norm", "Linf")), eps=threat_cfg.get("eps", 0.3))
     suite_name, specs = suite_specs(cfg)
@@ -157,7 +193,9 @@ def plan_evaluation(cfg: dict[str, Any], data: DatasetSplits | None = None, chec
         data = load_dataset(dict(cfg.get("dataset") or {}))
     if check_defense:
         notes = [*DEFENSES.follow_notes(defense, threat_context(threat)), *defense.notes(data.name)]
-    ids, x, y = select_eval(data, cfg.get("n_samples"), int(cfg.get("offset", 0) or 0))
+    n_samples = None if cfg.get("n_samples") is None else int_setting(cfg.get("n_samples"), "n_samples", 1000)
+    offset = int_setting(cfg.get("offset", 0) or 0, "offset", 0)
+    ids, x, y = select_eval(data, n_samples, offset)
     eval_ids, eval_data = tensor_hash(ids), tensor_hash(x)  # the whole evaluation set: all shards share it
     sl, shard = parse_shard(cfg.get("shard"), ids.shape[0], batch_size)
     ids, x, y = ids[sl], x[sl], y[sl]
@@ -165,7 +203,9 @@ def plan_evaluation(cfg: dict[str, Any], data: DatasetSplits | None = None, chec
     draws = int_setting(ev.get("draws", 10), "evaluator.draws", 10)
     if draws < 1:
         raise UserError(f"evaluator.draws={draws} must be >= 1")
-    cascade = bool(ev.get("cascade", True))
+    cascade = ev.get("cascade", True)
+    if not isinstance(cascade, bool):
+        raise UserError(f"evaluator.cascade={_show(cascade)} must be true or false")
     semantic = {
         "dataset": {**semantic_part(cfg.get("dataset")), "eval_ids": eval_ids, "eval_data": eval_data},
         "model": semantic_part(cfg.get("model")),
@@ -173,15 +213,14 @@ def plan_evaluation(cfg: dict[str, Any], data: DatasetSplits | None = None, chec
         "suite": suite_name,
         "attacks": [dict(s.spec, view=s.view) for s in slots],
         "threat": {"norm": threat.norm, "eps": threat.eps},
-        "n_samples": cfg.get("n_samples"), "offset": int(cfg.get("offset", 0) or 0),
+        "n_samples": cfg.get("n_samples"), "offset": offset,
         "seed": seed, "batch_size": batch_size, "evaluator": {"draws": draws, "cascade": cascade},
         "shard": shard,
     }
     if cfg.get("submission"):  # how `arena submit` ran the model (isolation, re-judging): part of the run's identity
         semantic["submission"] = dict(cfg["submission"])
     unsharded = {**semantic, "shard": None}
-    work_dir = cfg.get("work_dir", "arena-work")
-    run = MemoryRun.for_config(semantic) if work_dir is None else RunDir.for_config(Path(str(work_dir)), "runs", semantic)
+    run = MemoryRun.for_config(semantic) if work_dir is None else RunDir.for_config(work_dir, "runs", semantic)
     return EvalPlan(cfg, data, ids, x, y, threat, slots, suite_name, semantic, run, device, seed, batch_size,
                     draws, cascade, extra={"unsharded_hash": stable_hash(unsharded), "shard": shard,
                                            "first_batch": sl.start // batch_size}, notes=notes)

@@ -8,6 +8,10 @@ examples kept (`save_adv`, harness/evasion/adversarial.py).
 The judge's snapshot of the model is taken right after the contract check (harness/evasion/judge.py).
 The manifest is written just before the first batch is: a run that fails on its first batch
 (a bad model output, a void attack) leaves nothing behind.
+
+Nothing stored is taken on trust: a finished run whose files are damaged is reported and
+recomputed, and a stored batch is resumed only when it was computed for exactly this plan
+(`harness.evasion.records`); any other batch is recomputed, with one line saying why.
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ from harness.evasion import adversarial as adv
 from harness.evasion.cascade import evaluate_batch, run_snapshot
 from harness.evasion.judge import ModelSnapshot, model_self_changes, void
 from harness.evasion.plan import EvalPlan, plan_evaluation
+from harness.evasion.records import RECORD_COLUMNS, batch_meta, batch_problem, run_damage
 from harness.results.store import base_manifest
 
 
@@ -130,7 +135,7 @@ class _Prepared:
                                                   threat=plan.threat, log=lambda line: self.log(f"[arena] {line}")))
         clf = self.clf.to(plan.device)
         probe = to_unit(plan.x[: min(8, plan.x.shape[0])], plan.device)
-        check_classifier(clf, probe)
+        check_classifier(clf, probe, dataset=plan.data.name, max_label=int(plan.data.test_y.max()))
         snapshot = run_snapshot(clf)  # the judge's private copy: compared before and after every attack stage
         with torch.no_grad():
             clf.module(probe)
@@ -159,6 +164,7 @@ class _Prepared:
                 "model_hash": model_key,
                 "defense_info": self.defense_info,
                 "sample_ids_hash": tensor_hash(plan.ids),
+                "dataset_name": plan.data.name,  # the npz file's stem (or label): the semantic config has its hash
                 "prepare": self.prep,  # e.g. LAFEAT head facts: data source, agreement, training passes
                 "attacks": {s.label: {"class": type(s.attack).__name__, "params": s.attack.describe(), "view": s.view}
                             for s in plan.slots},
@@ -171,8 +177,29 @@ class _Prepared:
     def write_manifest_once(self) -> None:
         """Write the manifest (once), just before the first thing of the run is written."""
         if self.manifest is not None:
-            self.plan.run.write_manifest(self.manifest)
+            self.plan.run.write_manifest(self.manifest, log=self.log)
             self.manifest = None
+
+
+def _resumable_batch(run: Any, b: int, want: dict[str, Any], ids: list[int], y: list[int],
+                     log: Callable[[str], None]) -> pd.DataFrame | None:
+    """The stored records of batch `b` when they were computed for exactly this plan, else None
+    (with one line saying why a stored file is not taken)."""
+    stored = run.read_batch(b)
+    if stored is None:
+        return None
+    problem = stored if isinstance(stored, str) else batch_problem(stored[0], stored[1], want, ids, y)
+    if problem is None:
+        return stored[0]
+    log(f"[arena] run {run.key}: batch file {run.batch_path(b)} does not match the plan ({problem}); recomputing it")
+    return None
+
+
+def _check_schema(records: pd.DataFrame) -> pd.DataFrame:
+    if set(records.columns) != set(RECORD_COLUMNS):  # a bug: the schema drifted from records.py
+        raise RuntimeError(f"evaluate_batch wrote columns {sorted(records.columns)}; keep "
+                           f"harness.evasion.records.RECORD_COLUMNS equal to them")
+    return records
 
 
 def _same_verdicts(stored: pd.DataFrame, fresh: pd.DataFrame) -> bool:
@@ -201,6 +228,12 @@ def execute(cfg: dict[str, Any], overrides: list[str] | None = None, log: Callab
         log(f"[arena] note: {note}")
     keep = bool(cfg.get("save_adv", False)) if keep_adversarial is None else bool(keep_adversarial)
     done = run.is_done()
+    if done:
+        problem = run_damage(run)
+        if problem is not None:
+            log(f"[arena] run {run.key} ({run.path}) is marked complete but {problem}; recomputing it")
+            run.reopen()
+            done = False
     if done and not keep:
         log(f"[arena] run {run.key} already complete; skipping ({run.path})")
         return Outcome(run.read_json("summary.json") or {}, run, skipped=True)
@@ -208,6 +241,7 @@ def execute(cfg: dict[str, Any], overrides: list[str] | None = None, log: Callab
     n = plan.x.shape[0]
     n_batches = (n + plan.batch_size - 1) // plan.batch_size
     first = int(plan.extra.get("first_batch", 0))  # global batch index: a shard seeds as the whole run
+    labels = ["clean", *(s.label for s in plan.slots)]
     batches: list[pd.DataFrame] = []
     cands: list[adv.Candidates] = []
     with _cache_dir(cfg) as cache_dir:
@@ -229,7 +263,11 @@ def execute(cfg: dict[str, Any], overrides: list[str] | None = None, log: Callab
         with progress_ui.eval_progress([s.label for s in plan.slots], n, title, enabled=progress) as shown:
             for b in range(n_batches):
                 sl = slice(b * plan.batch_size, (b + 1) * plan.batch_size)
-                records = run.read_batch(b)
+                ids = plan.ids[sl]
+                # draws per decision: the plan's for a randomised defense, 1 otherwise (known once built;
+                # a stored batch may carry either, checked against its own rows)
+                want = batch_meta(run.key, b, plan.seed, ids, labels, plan.draws, rows=ids.shape[0] * len(labels))
+                records = _resumable_batch(run, b, want, ids.tolist(), plan.y[sl].tolist(), log)
                 cand = adv.Candidates.load(adv.batch_path(run.path, b)) if keep and run.path is not None else None
                 if records is None or (keep and cand is None):
                     shown.batch(b, int(plan.ids[sl].shape[0]), n_batches)
@@ -237,12 +275,12 @@ def execute(cfg: dict[str, Any], overrides: list[str] | None = None, log: Callab
                     if before_batch is not None:
                         before_batch(b)
                     clf = state.get()
-                    fresh = evaluate_batch(plan, clf, first + b, plan.ids[sl], plan.x[sl], plan.y[sl],
-                                           snapshot=state.snapshot,
-                                           on_verified=fresh_cand.add if fresh_cand is not None else None)
+                    fresh = _check_schema(evaluate_batch(plan, clf, first + b, ids, plan.x[sl], plan.y[sl],
+                                                         snapshot=state.snapshot,
+                                                         on_verified=fresh_cand.add if fresh_cand is not None else None))
                     if records is None:
                         state.write_manifest_once()
-                        run.write_batch(b, fresh)
+                        run.write_batch(b, fresh, {**want, "draws": plan.draws if clf.randomized else 1, "rows": len(fresh)})
                         records = fresh
                     elif not _same_verdicts(records, fresh):
                         raise RuntimeError(f"batch {b} of run {run.key}, recomputed for its adversarial examples, differs "

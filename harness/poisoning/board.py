@@ -75,14 +75,27 @@ def _command(manifest: dict[str, Any], seeds: list[int]) -> str:
     return " ".join(["arena poison", *flag, *overrides, seed_part])
 
 
-def collect_runs(work_dir: Path) -> pd.DataFrame:
-    """One row per finished poisoning run (the board's input), in a deterministic order."""
+SAMPLE_COLUMNS = ("sample_id", "label", "pred", "correct")
+
+
+def _num(value: Any) -> float:
+    """A summary number; strict JSON stores NaN as null."""
+    return float("nan") if value is None else float(value)
+
+
+def collect_runs(work_dir: Path, warn=None) -> pd.DataFrame:
+    """One row per finished poisoning run (the board's input), in a deterministic order.
+
+    A finished run with damaged files is left out with one warning line (`arena board check`)."""
+    from harness.evasion.board import _warn, damaged_line
+
     rows = []
     for run in completed_runs(Path(work_dir), RUN_KIND):
-        manifest, summary = run.read_json("manifest.json"), run.read_json("summary.json")
-        if manifest is None or summary is None:
+        loaded = run.load_checked(SAMPLE_COLUMNS)
+        if isinstance(loaded, str):
+            (warn or _warn)(damaged_line(run, loaded, "arena poison"))
             continue
-        samples = run.samples()
+        manifest, summary, samples = loaded
         semantic = manifest["config"]
         poison = dict(semantic.get("poison") or {})
         defense = dict(semantic.get("defense") or {})
@@ -99,8 +112,8 @@ def collect_runs(work_dir: Path) -> pd.DataFrame:
             "setting": _setting(semantic),
             "seed": int(semantic.get("seed", 0)),
             "final_acc": float(samples["correct"].mean()) if len(samples) else float("nan"),
-            "best_acc": float(summary.get("best_test_acc", float("nan"))),
-            "train_acc": float(summary.get("train_acc_poisoned_data", float("nan"))),
+            "best_acc": _num(summary.get("best_test_acc")),
+            "train_acc": _num(summary.get("train_acc_poisoned_data")),
             "epochs": int(summary.get("epochs", 0)),
             "n_train": int(summary.get("n_train", 0)),
             "n_poisoned": int(summary.get("n_poisoned", 0)),

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from harness.core.atomic import check_writable_dir
 from harness.core.errors import UserError
 from harness.core.formats import pct
 from harness.core.device import resolve_device
@@ -100,8 +101,12 @@ def plan(cfg: dict[str, Any]) -> tuple[RunDir, dict[str, Any], torch.device]:
         v = cfg.get(key)
         if v is not None and (not isinstance(v, int) or v <= 0):
             raise UserError(f"{key}={v!r} must be a positive integer or null (all)")
+    from harness.evasion.plan import seed_setting
+
+    seed_setting(cfg.get("seed", 0))
     semantic = _semantic(cfg, spec, device)
     work_dir = Path(str(cfg.get("work_dir", "arena-work")))
+    check_writable_dir(work_dir)
     return RunDir.for_config(work_dir, RUN_KIND, semantic), semantic, device
 
 
@@ -143,9 +148,15 @@ def run_poison(cfg: dict[str, Any], overrides: list[str] | None = None, log=prin
 
     run, semantic, device = plan(cfg)
     if run.is_done():
-        summary = run.read_json("summary.json") or {}
-        log(f"poison run {run.key} already finished: final clean test acc {pct(summary.get('final_test_acc'))}")
-        return summary
+        from harness.poisoning.board import SAMPLE_COLUMNS
+
+        problem = run.damage(SAMPLE_COLUMNS)
+        if problem is None:
+            summary = run.read_json("summary.json") or {}
+            log(f"poison run {run.key} already finished: final clean test acc {pct(summary.get('final_test_acc'))}")
+            return summary
+        log(f"[arena] poison run {run.key} ({run.path}) is marked complete but {problem}; recomputing it")
+        run.reopen()
     seed = int(semantic["seed"])
     poison = build_poison(semantic["poison"], {"model": dict(cfg.get("model") or {})})
     threat = training_threat(cfg)

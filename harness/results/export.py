@@ -33,7 +33,7 @@ from typing import Any
 
 import pandas as pd
 
-from harness.core.atomic import atomic_write_text
+from harness.core.atomic import atomic_write_text, strict_dumps
 
 TRACKS = {("cifar10", "Linf"): 8 / 255, ("cifar10", "L2"): 0.5, ("cifar100", "Linf"): 8 / 255, ("imagenet", "Linf"): 4 / 255}
 FULL_TEST = {"cifar10": 10_000, "cifar100": 10_000, "imagenet": 5_000}
@@ -176,6 +176,6 @@ def export_robustbench(df: pd.DataFrame, out_dir: Path | str, work_dirs: list[Pa
         if path in taken:  # several rows of one defense (suites, eps, models): keep them apart
             path = folder / f"{stem}_{model_id(str(row.get('suite')).split('@')[0])}_{str(row.get('config_hash'))[:8]}.json"
         taken.add(path)
-        atomic_write_text(path, json.dumps(entry, indent=2) + "\n")
+        atomic_write_text(path, strict_dumps(entry, indent=2, sort_keys=False) + "\n")
         written.append((path, track_notes(row, manifest)))
     return written

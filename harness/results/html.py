@@ -25,17 +25,16 @@ After loading, the script records the table's right edge and the page's scroll w
 from __future__ import annotations
 
 import html
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from harness.core.atomic import atomic_write_text
+from harness.core.atomic import atomic_write_text, strict_dumps
 from harness.core.formats import ATTACK_PREFIX, cell as format_cell
 
-FLAG_COLUMNS = ("masking_suspected", "randomized", "ensemble", "submission")
+FLAG_COLUMNS = ("masking_suspected", "upper_bound", "randomized", "ensemble", "submission")
 FILTER_COLUMNS = ("dataset", "threat", "suite")
 COMPACT = ("defense", "model", "dataset", "threat", "suite", "clean_acc", "robust_acc", "best_known_acc", "cost", "flags")
 COST_COLUMNS = ("forward_per_sample", "backward_per_sample", "queries_per_sample", "attack_time_s", "train_time_s",
@@ -77,7 +76,8 @@ def expand_cascade(df: pd.DataFrame) -> pd.DataFrame:
 
 def flags_text(row: pd.Series) -> str:
     """Short flag summary of a row, e.g. `masking? randomized submission`."""
-    names = {"masking_suspected": "masking?", "randomized": "randomized", "ensemble": "ensemble", "submission": "submission"}
+    names = {"masking_suspected": "masking?", "upper_bound": "upper-bound", "randomized": "randomized",
+             "ensemble": "ensemble", "submission": "submission"}
     return " ".join(names[c] for c in FLAG_COLUMNS if c in row.index and _truthy(row[c]))
 
 
@@ -334,7 +334,8 @@ def render_html(df: pd.DataFrame, title: str) -> str:
     present = {column_group(c) for c in cols}
     toggles = ["<span>show columns:</span>"] + [
         f'<label><input type="checkbox" data-group="{g}"> {html.escape(label)}</label>' for g, label in GROUPS if g in present]
-    meta_json = json.dumps({"rows": len(df), "columns": cols, "groups": {c: column_group(c) for c in cols}}).replace("</", "<\\/")
+    meta_json = strict_dumps({"rows": len(df), "columns": cols, "groups": {c: column_group(c) for c in cols}},
+                             indent=None).replace("</", "<\\/")
     return (
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"

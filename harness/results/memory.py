@@ -18,7 +18,7 @@ class MemoryRun:
     """One run's records, manifest and summary, in memory."""
 
     key: str
-    batches: dict[int, pd.DataFrame] = field(default_factory=dict)
+    batches: dict[int, tuple[pd.DataFrame, dict[str, Any]]] = field(default_factory=dict)
     files: dict[str, Any] = field(default_factory=dict)
     done: bool = False
     path: None = None  # a run directory has one; this run has none
@@ -30,13 +30,16 @@ class MemoryRun:
     def is_done(self) -> bool:
         return self.done
 
-    def write_batch(self, index: int, records: pd.DataFrame) -> None:
-        self.batches[index] = records
+    def write_batch(self, index: int, records: pd.DataFrame, meta: dict[str, Any] | None = None) -> None:
+        self.batches[index] = (records, dict(meta or {}))
 
-    def read_batch(self, index: int) -> pd.DataFrame | None:
+    def read_batch(self, index: int) -> tuple[pd.DataFrame, dict[str, Any]] | None:
         return self.batches.get(index)
 
-    def write_manifest(self, manifest: dict[str, Any]) -> None:
+    def batch_path(self, index: int) -> str:
+        return f"<memory>/batch {index}"
+
+    def write_manifest(self, manifest: dict[str, Any], log=None) -> None:
         self.files["manifest.json"] = manifest
 
     def read_json(self, name: str) -> dict[str, Any] | None:
@@ -50,3 +53,12 @@ class MemoryRun:
 
     def samples(self) -> pd.DataFrame:
         return self.files["samples"]
+
+    def load_checked(self, required_columns: tuple[str, ...] = ()) -> tuple[dict, dict, pd.DataFrame] | str:
+        """Records in memory were never out of this object's hands: nothing to check."""
+        if not self.done:
+            return "the run is not finished"
+        return self.files.get("manifest.json") or {}, self.files["summary.json"], self.files["samples"]
+
+    def reopen(self) -> None:
+        self.done = False

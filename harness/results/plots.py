@@ -27,6 +27,8 @@ from typing import Any
 
 import pandas as pd
 
+from harness.core.atomic import atomic_write, ensure_dir
+
 Run = tuple[Any, dict, dict, pd.DataFrame]  # (RunDir, manifest, summary, samples) from evasion.board.collect
 
 SKIP_REASONS = {
@@ -48,6 +50,13 @@ def _plt():
 def _label(manifest: dict[str, Any]) -> str:
     d = manifest["config"].get("defense") or {}
     return str(d.get("label") or d.get("name"))
+
+
+def dataset_label(manifest: dict[str, Any]) -> str:
+    """The dataset as the board names it (an npz file by its stem), so probe sweeps join their rows."""
+    from harness.evasion.board import dataset_label as label
+
+    return label(manifest)
 
 
 def _runs(work_dirs: list[Path]) -> list[Run]:
@@ -112,7 +121,7 @@ def eps_series(board: pd.DataFrame | None, runs: list[Run]) -> list[Series]:
         if not sweep:
             continue
         cfg = manifest["config"]
-        ds = (cfg.get("dataset") or {}).get("label") or (cfg.get("dataset") or {}).get("name")
+        ds = dataset_label(manifest)
         pairs = sorted(zip(sweep["eps"], sweep["robust_acc"]))
         out.append(Series((str(ds), str(cfg["threat"]["norm"])), f"{_label(manifest)} (health probe PGD)",
                           [float(e) for e, _ in pairs], [100.0 * float(a) for _, a in pairs], probe=True,
@@ -152,7 +161,7 @@ def plot_acc_vs_eps(board: pd.DataFrame | None, runs: list[Run], out: Path) -> P
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))  # a reader never sees half a PNG
     plt.close(fig)
     return out
 
@@ -194,7 +203,7 @@ def plot_queries_to_success(runs: list[Run], out: Path) -> Path | None:
     ax.legend(fontsize=7)
     ax.set_title("black-box attacks: queries to success")
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))  # a reader never sees half a PNG
     plt.close(fig)
     return out
 
@@ -222,7 +231,7 @@ def plot_convergence(runs: list[Run], out: Path) -> Path | None:
     ax.legend(fontsize=7)
     ax.set_title("attack convergence (health-report PGD probe)")
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))  # a reader never sees half a PNG
     plt.close(fig)
     return out
 
@@ -248,7 +257,7 @@ def write_plots(work_dirs: list[Path], out_dir: Path | str, board: pd.DataFrame 
     written = []
     for name, draw in jobs.items():
         if has_data[name]:
-            out.mkdir(parents=True, exist_ok=True)
+            ensure_dir(out, for_file=out / name)
             path = draw(out / name)
             if path is not None:
                 written.append(path)
