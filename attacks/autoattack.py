@@ -2,6 +2,11 @@
 
 The version's component attacks run one at a time on the still-robust samples (the same cascade
 the reference runs), so each component's per-sample outcome is kept in `AttackResult.stage`.
+Each component's output is judged by the harness's verdict (the true decision; on a randomised
+model its R draws), and per sample the most fooled output is kept. A hard-vote ensemble is handed
+to the reference straight-through (`ModelAccess.judged_model`): the votes' scores forward, the
+smoothed proxy's gradient backward, so the reference's own checks judge the votes too. On a
+randomised model the reference's internal checks stay single-draw (its code; documented).
 `version=custom` with `attacks=[...]` selects components (e.g. `[apgd-ce]` = APGD-CE alone).
 The seed comes from the harness's generator: the reference's default (`seed=None`) reseeds from
 the clock and would make runs irreproducible.
@@ -17,6 +22,7 @@ from harness.core.attack import Attack, AttackResult, register
 from harness.core.access import Capability, ModelAccess
 from harness.core.errors import UserError
 from harness.core.threat import ThreatModel
+from harness.core.verdict import BestIterate, fully_fooled, is_fooled
 
 VERSIONS = ("standard", "plus", "rand", "custom")
 COMPONENTS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
@@ -75,23 +81,24 @@ class AutoAttackRef(Attack):
     def run(self, access: ModelAccess, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel,
             generator: torch.Generator) -> AttackResult:
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device).cpu())
-        aa = self._build(access.model, threat, seed, x.device, access.num_classes)
+        # A deterministic stand-in (hard votes) goes in straight-through: forward value = the true
+        # decision's scores, gradient = the proxy's, so the reference's internal checks (which
+        # samples it still attacks, which iterate it keeps) judge as the harness does.
+        model = access.judged_model if access.judged_model is not None else access.model
+        aa = self._build(model, threat, seed, x.device, access.num_classes)
         components = list(aa.attacks_to_run)
-        x_adv = x.clone()
+        best = BestIterate(x)  # score -1: the first component's output is always kept
         stage = [""] * x.shape[0]
-        robust = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
         for comp in components:
-            idx = robust.nonzero().flatten()
+            idx = (~fully_fooled(best.score)).nonzero().flatten()  # not yet fooled in every decision draw
             if idx.numel() == 0:
                 break
             aa.attacks_to_run = [comp]
             out, _ = aa.run_standard_evaluation(x[idx], y[idx], batch_size=max(int(idx.numel()), 1))
             out = out.to(x.device)
-            with torch.no_grad():  # judge with the true decision (hard votes), not a smoothed proxy
-                fooled = (access.decision or access.model)(out).argmax(1) != y[idx]
-            x_adv[idx[fooled]] = out[fooled]
-            robust[idx[fooled]] = False
-            for i in idx[fooled].tolist():
+            # judge with the harness's verdict (the true decision, its R draws on a randomised model)
+            score = access.verdict(out, y[idx])
+            replaced = best.offer(out, score, torch.zeros_like(score), idx=idx)
+            for i in idx[replaced & is_fooled(score)].tolist():
                 stage[i] = comp
-        return AttackResult(x_adv, stage=stage, extras={"components": components})
-
+        return AttackResult(best.x, stage=stage, extras={"components": components})

@@ -35,6 +35,7 @@ from torch import nn
 from harness.core.access import CountingModule, EnsembleAccess, PassCounter, count_input
 from harness.core.classifier import Classifier
 from harness.core.errors import UserError
+from harness.core.verdict import value_of
 
 MODES = ("softmax", "logits", "voting")
 TIE_BREAKS = ("lowest", "mean_prob")
@@ -176,6 +177,32 @@ class VotingProxy(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return sharpened_log_votes(self.ensemble.forward_members(x), self.ensemble.vote_sharpness)
 
+    def straight_through(self) -> "VoteStraightThrough":
+        """This proxy's gradient with the hard votes' forward value, in one pass of the members."""
+        return VoteStraightThrough(self.ensemble)
+
+
+class VoteStraightThrough(nn.Module):
+    """Straight-through hard votes: forward value = the vote scores (`Ensemble.forward`, bit for
+    bit, so argmax is the true decision), backward = the sharpened-softmax proxy's gradient.
+
+    Handed to code that judges success from the logits it differentiates (the reference
+    AutoAttack's internal checks), so that its judgement is the hard votes, not the proxy's.
+    """
+
+    def __init__(self, ensemble: Ensemble) -> None:
+        super().__init__()
+        self.ensemble = ensemble
+
+    @property
+    def members(self) -> nn.ModuleList:
+        return self.ensemble.members
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.ensemble.forward_members(x)
+        proxy = sharpened_log_votes(z, self.ensemble.vote_sharpness)
+        return value_of(voting_scores(z, self.ensemble.tie_break), proxy)
+
 
 # ---------------------------------------------------------------------------------------------
 # classifier and access
@@ -219,12 +246,14 @@ def make_classifier(
     )
 
 
-def make_ensemble_access(classifier: Classifier, counter: PassCounter, eot: int = 1) -> EnsembleAccess:
+def make_ensemble_access(classifier: Classifier, counter: PassCounter, eot: int = 1, draws: int = 1) -> EnsembleAccess:
     """Access for `Capability.ENSEMBLE` attacks: the counted aggregate plus each counted member.
 
     `model` is the differentiable aggregate (the vote proxy for voting) counted on `counter`;
     `members` are the member modules counted on a fresh `member_counter`, which `model` also
-    uses, so member passes are counted whichever path an attack takes.
+    uses, so member passes are counted whichever path an attack takes. `decision` is the true
+    rule over the same counted members (what `verdict` judges with, `draws` times when the
+    classifier is randomised).
     """
     ens = classifier.ensemble
     if not isinstance(ens, Ensemble):
@@ -241,6 +270,8 @@ def make_ensemble_access(classifier: Classifier, counter: PassCounter, eot: int 
         counter=counter,
         randomized=classifier.randomized,
         eot=eot,
+        decision=CountingModule(counted, counter),
+        draws=max(int(draws), 1) if classifier.randomized else 1,
         members=counted_members,
         mode=ens.mode,
         member_counter=member_counter,

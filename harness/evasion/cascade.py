@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from harness.core.access import Capability, CountingModule, ModelAccess, PassCounter
+from harness.core.access import Capability, PassCounter, make_model_access
 from harness.core.classifier import Classifier
 from harness.core.errors import UserError
 from harness.core.hashing import stable_hash
@@ -24,8 +24,10 @@ from harness.data.training import to_unit
 from harness.evasion.plan import AttackSlot, EvalPlan
 
 
-def make_access(slot: AttackSlot, clf: Classifier, counter: PassCounter, batch_size: int, device: torch.device) -> Any:
-    """Hand the attack exactly the capability it declares, counted."""
+def make_access(slot: AttackSlot, clf: Classifier, counter: PassCounter, batch_size: int, device: torch.device,
+                draws: int = 1) -> Any:
+    """Hand the attack exactly the capability it declares, counted, with the harness's verdict
+    (`draws` = the evaluator's R decision draws for a randomised classifier)."""
     attack = slot.attack
     eot = int(getattr(attack, "eot", 1) or 1)
     needs = attack.requires
@@ -36,22 +38,16 @@ def make_access(slot: AttackSlot, clf: Classifier, counter: PassCounter, batch_s
     if needs == Capability.FEATURES:
         from harness.core.features import make_feature_access
 
-        return make_feature_access(clf, getattr(attack, "layer", None), counter)
+        return make_feature_access(clf, getattr(attack, "layer", None), counter, eot=eot, draws=draws)
     if needs == Capability.ENSEMBLE:
         if clf.ensemble is None:
             raise UserError(f"attack {slot.label!r} needs an ensemble defense (members); this defense has none")
         from harness.core.ensemble import make_ensemble_access
 
-        return make_ensemble_access(clf, counter, eot=eot)
-    if slot.view is not None:
-        if slot.view not in clf.views:
-            raise UserError(f"attack {slot.label!r} asks for view={slot.view!r}; this defense offers: {sorted(clf.views) or 'none'}")
-        target, randomized = clf.views[slot.view], False  # views are deterministic stand-ins
-    else:
-        target, randomized = clf.differentiable, clf.randomized
-    decision = CountingModule(clf.module, counter) if target is not clf.module else None
-    return ModelAccess(CountingModule(target, counter), clf.num_classes, counter, randomized=randomized, eot=eot,
-                       decision=decision)
+        return make_ensemble_access(clf, counter, eot=eot, draws=draws)
+    if slot.view is not None and slot.view not in clf.views:
+        raise UserError(f"attack {slot.label!r} asks for view={slot.view!r}; this defense offers: {sorted(clf.views) or 'none'}")
+    return make_model_access(clf, counter, eot=eot, draws=draws, view=slot.view)
 
 
 def _batch_seed(seed: int, batch: int, salt: str) -> int:
@@ -88,6 +84,7 @@ def evaluate_batch(plan: EvalPlan, clf: Classifier, b: int, ids: torch.Tensor, x
         rows.append({"sample_id": ids_list[i], "label": y_list[i], "attack": "clean", "order": 0, "ran": True,
                      "correct_draws": int(clean_count[i]), "draws": n_draws, "success": False,
                      "pred": int(clean_pred[i]), "linf": 0.0, "l2": 0.0, "n_forward": 0.0, "n_backward": 0.0,
+                     "prepare_forward": 0.0, "prepare_backward": 0.0,
                      "n_queries": 0, "time_s": 0.0, "violation": False, "stage": "",
                      "budget_exhausted": False})
     for k, slot in enumerate(plan.slots, start=1):
@@ -99,7 +96,7 @@ def evaluate_batch(plan: EvalPlan, clf: Classifier, b: int, ids: torch.Tensor, x
             seed = _batch_seed(plan.seed, b, slot.label)
             torch.manual_seed(seed)
             gen = torch.Generator(device=device).manual_seed(seed)
-            access = make_access(slot, clf, counter, int(idx.numel()), device)
+            access = make_access(slot, clf, counter, int(idx.numel()), device, draws=plan.draws)
             xs, ys = x[idx], y[idx]
             start = time.perf_counter()
             out = slot.attack.run(access, xs, ys, threat, gen)
@@ -120,14 +117,17 @@ def evaluate_batch(plan: EvalPlan, clf: Classifier, b: int, ids: torch.Tensor, x
             for j, i in enumerate(idx.tolist()):
                 results[i] = {"ran": True, "correct_draws": int(count[j]), "success": bool(count[j] * 2 < n_draws) if n_draws > 1 else bool(count[j] == 0),
                               "pred": int(pred[j]), "linf": float(linf[j]), "l2": float(l2[j]),
-                              "n_forward": counter.forward / m, "n_backward": counter.backward / m,
+                              "n_forward": counter.forward / m + slot.prepare_forward,
+                              "n_backward": counter.backward / m + slot.prepare_backward,
                               "n_queries": int(queries[j]) if queries is not None else 0,
                               "time_s": elapsed / m, "violation": bool(bad[j]), "stage": str(stage[j]),
                               "budget_exhausted": bool(exhausted[j]) if exhausted is not None else False}
         for i in range(x.shape[0]):
             r = results.get(i) or {"ran": False, "correct_draws": -1, "success": False, "pred": -1, "linf": float("nan"),
-                                   "l2": float("nan"), "n_forward": 0.0, "n_backward": 0.0, "n_queries": 0, "time_s": 0.0,
-                                   "violation": False, "stage": "", "budget_exhausted": False}
+                                   "l2": float("nan"), "n_forward": slot.prepare_forward, "n_backward": slot.prepare_backward,
+                                   "n_queries": 0, "time_s": 0.0, "violation": False, "stage": "", "budget_exhausted": False}
+            # every evaluated sample carries its even share of what the attack's prepare() spent
+            r = {**r, "prepare_forward": slot.prepare_forward, "prepare_backward": slot.prepare_backward}
             rows.append({"sample_id": ids_list[i], "label": y_list[i], "attack": slot.label, "order": k, "draws": n_draws, **r})
     return pd.DataFrame(rows)
 

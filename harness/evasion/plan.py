@@ -30,6 +30,10 @@ class AttackSlot:
     attack: Attack
     spec: dict[str, Any]
     view: str | None = None
+    # image-passes `attack.prepare` spent (e.g. training a LAFEAT head), per evaluated sample of the
+    # whole evaluation; set by the run, charged to every sample's record of this attack
+    prepare_forward: float = 0.0
+    prepare_backward: float = 0.0
 
 
 @dataclass
@@ -52,6 +56,7 @@ class EvalPlan:
     draws: int
     cascade: bool
     extra: dict[str, Any] = field(default_factory=dict)
+    eval_range: tuple[int, int] = (0, 0)  # [lo, hi) of the whole evaluation (all shards) in data.test_x
 
 
 def _semantic_value(key: str, value: Any) -> Any:
@@ -145,7 +150,9 @@ def plan_evaluation(cfg: dict[str, Any]) -> EvalPlan:
     slots = build_slots(specs)
     build_defense(dict(cfg.get("defense") or {}))  # name and parameters checked before any data work
     data = load_dataset(dict(cfg.get("dataset") or {}))
-    ids, x, y = select_eval(data, cfg.get("n_samples"), int(cfg.get("offset", 0) or 0))
+    offset = int(cfg.get("offset", 0) or 0)
+    ids, x, y = select_eval(data, cfg.get("n_samples"), offset)
+    eval_range = (offset, offset + int(ids.shape[0]))
     eval_ids, eval_data = tensor_hash(ids), tensor_hash(x)  # the whole evaluation set: all shards share it
     sl, shard = parse_shard(cfg.get("shard"), ids.shape[0], batch_size)
     ids, x, y = ids[sl], x[sl], y[sl]
@@ -169,6 +176,6 @@ def plan_evaluation(cfg: dict[str, Any]) -> EvalPlan:
     run = RunDir.for_config(Path(str(cfg.get("work_dir", "arena-work"))), "runs", semantic)
     return EvalPlan(cfg, data, ids, x, y, threat, slots, suite_name, semantic, run, device, seed, batch_size,
                     draws, cascade, extra={"unsharded_hash": stable_hash(unsharded), "shard": shard,
-                                           "first_batch": sl.start // batch_size})
+                                           "first_batch": sl.start // batch_size}, eval_range=eval_range)
 
 

@@ -60,12 +60,18 @@ def run_evaluation(cfg: dict[str, Any], overrides: list[str] | None = None, log=
     model_key = module_hash(clf.module)
     start = time.perf_counter()
     prep: dict[str, Any] = {}
+    lo, hi = plan.eval_range
+    n_total = max(hi - lo, 1)
     for slot in plan.slots:
         facts = slot.attack.prepare(PrepareContext(
-            classifier=clf, train_x=plan.data.train_x, train_y=plan.data.train_y, eval_x=plan.x,
-            cache_dir=cache_dir, device=plan.device, seed=plan.seed, model_key=model_key, progress=progress))
+            classifier=clf, train_x=plan.data.train_x, train_y=plan.data.train_y, eval_x=plan.data.test_x[lo:hi],
+            cache_dir=cache_dir, device=plan.device, seed=plan.seed, model_key=model_key, progress=progress,
+            test_x=plan.data.test_x, eval_range=(lo, hi)))
         if facts:
             prep[slot.label] = facts
+            # prepare-time passes are the attack's cost, spread evenly over the whole evaluation
+            slot.prepare_forward = float(facts.get("prepare_forward", 0)) / n_total
+            slot.prepare_backward = float(facts.get("prepare_backward", 0)) / n_total
     manifest = {
         **base_manifest(plan.semantic, plan.seed),
         "overrides": list(overrides or []),
