@@ -17,8 +17,17 @@ the last step (the reference never checks its final iterate), a distinct seed pe
 re-seeding every run to 0, and configurable per-stage budgets so the attack can be run at a cost
 comparable to AutoAttack's.
 
+Head data: by default the train split, else a holdout tail of the evaluation's own split that
+must not overlap the evaluated images; `head_data: evaluated` (transductive) is explicit and
+labelled. One head per evaluation (never per shard).
+
 Cost accounting: every forward/backward image-pass through the model while attacking is counted
-on the evaluator's counter; head training is counted separately and returned by `prepare`.
+on the evaluator's counter; the head's training passes are returned by `prepare` as
+`prepare_forward` / `prepare_backward`, which the evaluator charges to the attack's cost.
+
+Bookkeeping: every iterate is scored by the harness's verdict (the true decision; the fraction of
+fooled draws on a randomised model) and the most fooled iterate is kept, never the first one that
+the differentiated logits call fooled.
 """
 from __future__ import annotations
 

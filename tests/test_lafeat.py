@@ -376,3 +376,18 @@ def test_sharded_lafeat_shares_one_head_and_equals_the_unsharded_run(tmp_path):
     reference = pd.read_parquet(f"{whole['run_dir']}/samples.parquet")
     pd.testing.assert_frame_equal(merged.drop(columns="time_s"), reference.drop(columns="time_s"))
     assert float(merged["prepare_forward"].sum()) == pytest.approx(2 * 180)
+
+
+def test_transductive_head_is_labelled_on_the_board(tmp_path):
+    """`head_data=evaluated` (the head learns the evaluated images) shows as `transductive` on the
+    leaderboard row; the default (train split) does not."""
+    from harness.api import run_eval
+    from harness.evasion import board
+
+    base = ["dataset=digits", "n_samples=20", "batch_size=20", "defense.train.epochs=1", "attack=lafeat",
+            "attack.head_epochs=1", "attack.iterations=2", "attack.betas=[0.4]", "attack.targets=0", "threat.eps=0.1"]
+    run_eval(base, tmp_path / "default")
+    trans = run_eval([*base, "attack.head_data=evaluated"], tmp_path / "evaluated")
+    assert trans["prepare"]["lafeat"]["head_transductive"] is True
+    assert board.build_table([tmp_path / "default"])["transductive"].tolist() == [False]
+    assert board.build_table([tmp_path / "evaluated"])["transductive"].tolist() == [True]

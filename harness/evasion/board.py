@@ -25,7 +25,7 @@ COLUMNS = [
     "clean_acc", "robust_acc", "robust_acc_mean", "robust_acc_majority", "best_known_acc", "cascade",
     "forward_per_sample", "backward_per_sample", "queries_per_sample", "attack_time_s",
     "train_time_s", "train_passes", "params",
-    "randomized", "ensemble", "masking_suspected", "violations", "submission",
+    "randomized", "ensemble", "masking_suspected", "violations", "submission", "transductive",
     "seed", "config_hash", "harness_version", "git", "finished", "command",
 ]
 
@@ -82,6 +82,8 @@ def _row(run: RunDir, manifest: dict[str, Any], summary: dict[str, Any], samples
         "masking_suspected": bool(summary.get("masking_suspected", False)),
         "violations": int(acc["violations"]),
         "submission": bool(manifest.get("submission", False)),
+        # an attack prepared on the evaluated images themselves (a LAFEAT head with head_data=evaluated)
+        "transductive": any(bool((f or {}).get("head_transductive")) for f in (manifest.get("prepare") or {}).values()),
         "seed": manifest.get("seed"),
         "config_hash": run.key,
         "harness_version": (manifest.get("versions") or {}).get("robustarena", __version__),
