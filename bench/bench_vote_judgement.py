@@ -45,6 +45,8 @@ VARIANTS = ("proxy", "votes", "lifted")
 
 
 class Recorder(nn.Module):
+    """Passes through `inner`; while `on`, keeps every input it sees (the attack's iterates)."""
+
     def __init__(self, inner: nn.Module) -> None:
         super().__init__()
         self.inner, self.on, self.seen = inner, False, []
@@ -56,6 +58,7 @@ class Recorder(nn.Module):
 
 
 def logistic(x: torch.Tensor, y: torch.Tensor, seed: int, steps: int = 100) -> nn.Module:
+    """A logistic-regression classifier (Adam, full batch) on a random half of the training images."""
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(x.shape[0], generator=g)[: x.shape[0] // 2]
     lin = nn.Linear(x[0].numel(), 10)

@@ -14,9 +14,11 @@ computed with the true decision, independently of the attack.
 """
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import attacks  # noqa: F401  (registers the attacks)
@@ -38,36 +40,9 @@ from harness.data.training import to_unit
 CPU = torch.device("cpu")
 
 
-class Recorder(nn.Module):
-    """Passes through `inner`; while `on`, keeps every input it sees (the attacks' iterates)."""
-
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-        self.on = False
-        self.seen: list[torch.Tensor] = []
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.on:
-            self.seen.append(x.detach().clone())
-        return self.inner(x)
-
-
-def _logistic(x: torch.Tensor, y: torch.Tensor, seed: int, steps: int = 100) -> nn.Module:
-    """A logistic-regression classifier on a random half of the training digits."""
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(x.shape[0], generator=g)[: x.shape[0] // 2]
-    lin = nn.Linear(x[0].numel(), 10)
-    with torch.no_grad():
-        lin.weight.normal_(0, 0.01, generator=g)
-        lin.bias.zero_()
-    opt = torch.optim.Adam(lin.parameters(), lr=0.1)
-    flat = x[idx].flatten(1)
-    for _ in range(steps):
-        opt.zero_grad()
-        F.cross_entropy(lin(flat), y[idx]).backward()
-        opt.step()
-    return nn.Sequential(nn.Flatten(), lin).requires_grad_(False).eval()
+# the same toy members and recorder as the benchmark that measured the judges (bench/bench_vote_judgement.py)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from bench_vote_judgement import Recorder, logistic as _logistic  # noqa: E402
 
 
 class Switch(nn.Module):
