@@ -40,9 +40,9 @@ from harness.data.training import to_unit
 CPU = torch.device("cpu")
 
 
-# the same toy members and recorder as the benchmark that measured the judges (bench/bench_vote_judgement.py)
+# the same toy members and recorder as the benchmark that measured the judges (bench/bench_verdicts.py)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from bench_vote_judgement import Recorder, logistic as _logistic  # noqa: E402
+from bench_verdicts import Recorder, logistic as _logistic  # noqa: E402
 
 
 class Switch(nn.Module):

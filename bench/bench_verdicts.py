@@ -1,6 +1,13 @@
-"""How the reference AutoAttack judges a hard-vote ensemble: proxy, literal votes, or lifted proxy.
+"""Attacks judged by the harness's verdict: a randomised model, and the reference AutoAttack on hard votes.
 
-The reference code judges success from the logits it differentiates. On a hard-vote ensemble the
+Part 1, randomised. A model switching at random, per sample, between three logistic classifiers
+(scikit-learn digits). PGD-20 (CE) with one draw per step and with EOT over 10 draws, Linf 0.12,
+the verdict bookkeeping of attacks/pgd.py (most fooled iterate, harness draws R = 10). Reported:
+mean accuracy of the returned examples and of each run's own final iterate, both over 200 fresh
+draws (the final iterate is recorded at the model), so an attack that returns a less fooled
+example than its last iterate shows.
+
+Part 2, hard votes. The reference code judges success from the logits it differentiates. On a hard-vote ensemble the
 harness hands it one of three stand-ins (the evaluator uses `lifted`):
 
   proxy    the smoothed vote proxy itself: internal judgement by the proxy (the pre-fix setting;
@@ -15,7 +22,7 @@ through the members is recorded, so "lost" counts the images that some iterate f
 but whose returned example the votes classify correctly. Paired differences are on the same
 images (McNemar exact). Nothing is tuned.
 
-    python bench/bench_vote_judgement.py                  # APGD-CE and APGD-T, eps 0.05 / 0.1 / 0.15
+    python bench/bench_verdicts.py                  # both parts (APGD-CE and APGD-T at eps 0.05 / 0.1 / 0.15)
 """
 from __future__ import annotations
 
@@ -39,6 +46,8 @@ from harness.core.access import CountingModule, PassCounter, make_model_access  
 from harness.core.ensemble import VoteStraightThrough, make_classifier  # noqa: E402
 from harness.core.threat import ThreatModel  # noqa: E402
 from harness.data.datasets import load_dataset  # noqa: E402
+from attacks.pgd import PGD  # noqa: E402
+from harness.core.access import ModelAccess  # noqa: E402
 from harness.data.training import to_unit  # noqa: E402
 
 VARIANTS = ("proxy", "votes", "lifted")
@@ -71,6 +80,49 @@ def logistic(x: torch.Tensor, y: torch.Tensor, seed: int, steps: int = 100) -> n
         F.cross_entropy(lin(x[idx].flatten(1)), y[idx]).backward()
         opt.step()
     return nn.Sequential(nn.Flatten(), lin).requires_grad_(False).eval()
+
+
+class Switch(nn.Module):
+    """Random switching, per sample, among `members` (global torch RNG, so seeds replay it)."""
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = torch.stack([m(x) for m in self.members])
+        pick = torch.randint(len(self.members), (x.shape[0],), device=x.device)
+        return z[pick, torch.arange(x.shape[0], device=x.device)]
+
+
+def accuracy_over_draws(model: nn.Module, x: torch.Tensor, y: torch.Tensor, draws: int = 200) -> float:
+    """Mean over samples and `draws` fresh draws of correct classification."""
+    torch.manual_seed(12345)
+    with torch.no_grad():
+        return float(torch.stack([(model(x).argmax(1) == y).float() for _ in range(draws)]).mean())
+
+
+def randomised_part(members: list[nn.Module], x: torch.Tensor, y: torch.Tensor, seed: int) -> list[dict[str, Any]]:
+    """PGD-20 with one draw vs EOT-10 on the switched model: returned vs own final iterate."""
+    rec = Recorder(members[0])
+    switch = Switch([rec, members[1], members[2]]).eval()
+    threat = ThreatModel("Linf", 0.12)
+    rows = [{"attack": "clean", "returned": accuracy_over_draws(switch, x, y), "final_iterate": None}]
+    for eot in (1, 10):
+        torch.manual_seed(seed)
+        counter = PassCounter()
+        access = ModelAccess(CountingModule(switch, counter), 10, counter, randomized=True, eot=eot, draws=10)
+        rec.seen, rec.on = [], True
+        try:
+            out = PGD(steps=20, eot=eot).run(access, x, y, threat, torch.Generator().manual_seed(seed)).x_adv
+        finally:
+            rec.on = False
+        final = rec.seen[-1]  # the last input PGD judges is its final iterate (confirm()'s last verdict)
+        rows.append({"attack": f"pgd-20 eot={eot}", "returned": accuracy_over_draws(switch, out, y),
+                     "final_iterate": accuracy_over_draws(switch, final, y),
+                     "forward": counter.forward, "backward": counter.backward})
+        print(rows[-1], flush=True)
+    return rows
 
 
 def run(variant: str, component: str, clf, rec: Recorder, x: torch.Tensor, y: torch.Tensor, eps: float,
@@ -116,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         ok = clf.module(x_all).argmax(1) == y_all
     x, y = x_all[ok], y_all[ok]
+    random_rows = randomised_part(members, x_all, y_all, args.seed)
     rows = []
     for comp in args.components.split(","):
         for eps in (float(e) for e in args.eps.split(",")):
@@ -125,6 +178,12 @@ def main(argv: list[str] | None = None) -> int:
                    "lifted_minus_votes": paired_difference(res["lifted"]["robust_mask"], res["votes"]["robust_mask"])}
             rows.append(row)
             print(comp, eps, {v: (r["broken"], r["lost"]) for v, r in res.items()}, flush=True)
+    part1 = ["| attack | mean accuracy of the returned examples | of its own final iterate | forward / backward passes |",
+             "|---|---|---|---|"]
+    for r in random_rows:
+        final = "-" if r["final_iterate"] is None else f"{r['final_iterate']:.3f}"
+        passes = f"{r['forward']} / {r['backward']}" if "forward" in r else "-"
+        part1.append(f"| {r['attack']} | {r['returned']:.3f} | {final} | {passes} |")
     head = ["component", "eps", "n", *[f"{v}: broken / lost" for v in VARIANTS], "lifted - proxy (robust acc)",
             "lifted - votes (robust acc)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -132,18 +191,28 @@ def main(argv: list[str] | None = None) -> int:
         cells = [r["component"], f"{r['eps']:g}", str(r["n"])] + [f"{r[v]['broken']} / {r[v]['lost']}" for v in VARIANTS]
         cells += [format_paired(r["lifted_minus_proxy"]), format_paired(r["lifted_minus_votes"])]
         lines.append("| " + " | ".join(cells) + " |")
-    command = "python bench/bench_vote_judgement.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python bench/bench_verdicts.py " + " ".join(argv if argv is not None else sys.argv[1:])
     wall = time.perf_counter() - start
-    payload = {"command": command.strip(), "args": vars(args), "machine": machine(), "wall_s": round(wall, 1), "rows": rows}
-    text = ("# Reference AutoAttack on a hard-vote ensemble: which stand-in judges\n\n"
-            f"Command: `{command.strip()}` ({wall:.0f} s, {payload['machine']['platform']}, 1 thread, a shared machine).\n\n"
-            "3 logistic members on scikit-learn digits (each on a random half of the training split), hard votes, "
-            f"lowest-index tie-break; the {rows[0]['n'] if rows else 0} clean-correct test images; reference components "
-            "with their default 100 iterations, seed 0. broken = images whose returned example the votes misclassify; "
+    payload = {"command": command.strip(), "args": vars(args), "machine": machine(), "wall_s": round(wall, 1),
+               "randomised": random_rows, "rows": rows}
+    text = ("# Attacks judged by the harness's verdict\n\n"
+            f"Command: `{command.strip()}` ({wall:.0f} s, {payload['machine']['platform']}, 1 thread, a shared machine). "
+            "Nothing is tuned; seed 0.\n\n"
+            "## 1. A randomised model: EOT-PGD against single-draw PGD\n\n"
+            "Per-sample random switching among 3 logistic classifiers on scikit-learn digits (each trained on a random "
+            f"half of the training split); all {x_all.shape[0]} test images; Linf 0.12; accuracy = mean over samples and "
+            "200 fresh draws.\n\n" + "\n".join(part1) + "\n\n"
+            "## 2. The reference AutoAttack on a hard-vote ensemble: which stand-in judges\n\n"
+            "The same 3 logistic members as a hard-vote ensemble, lowest-index tie-break; the "
+            f"{rows[0]['n'] if rows else 0} clean-correct test images; reference components "
+            "with their default 100 iterations. proxy = the smoothed vote proxy (the reference judges by it; the "
+            "wrapper re-judges each component's output by the votes); votes = straight-through, forward value = the vote "
+            "scores; lifted = straight-through, the proxy's scores with the voted class lifted above the others where "
+            "they disagree (what the evaluator hands). broken = images whose returned example the votes misclassify; "
             "lost = images that some input the attack sent through the model fooled (hard votes) but whose returned "
             "example does not. Differences: robust accuracy, paired on the same images (McNemar exact 95 % interval, "
             "discordant counts, p).\n\n" + "\n".join(lines) + "\n")
-    write_results("vote_judgement", payload, text)
+    write_results("verdicts", payload, text)
     return 0
 
 
