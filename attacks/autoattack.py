@@ -3,8 +3,13 @@
 One call of the reference's `run_standard_evaluation` on the batch's still-robust samples, as a
 user of the reference makes it (same verdicts, same passes); which component first fooled each
 sample is read off the reference's own loop into `AttackResult.stage`. Where `access.model` is only
-a differentiable stand-in (`access.decision` set: voting ensembles), the components run one call
-each instead, judged between components with the true decision. `version=custom` with
+a differentiable stand-in (`access.decision` set: voting ensembles) or the model is randomised,
+the components run one call each instead, and each component's output is judged by the harness's
+verdict (the true decision; on a randomised model its R draws); per sample the most fooled output
+is kept. A hard-vote ensemble is handed to the reference straight-through
+(`ModelAccess.judged_model`: the votes' scores forward, the smoothed proxy's gradient backward),
+so the reference's own checks judge the votes too. On a randomised model the reference's internal
+checks stay single-draw (its code; documented). `version=custom` with
 `attacks=[...]` selects components (e.g. `[apgd-ce]` = APGD-CE alone).
 
 Seeding: `seed: 0` (the suites' setting) is the reference's documented `AutoAttack(..., seed=0)`:
@@ -27,6 +32,7 @@ from harness.core.attack import Attack, AttackResult, register
 from harness.core.access import Capability, ModelAccess
 from harness.core.errors import UserError
 from harness.core.threat import ThreatModel
+from harness.core.verdict import BestIterate, fully_fooled, is_fooled
 
 VERSIONS = ("standard", "plus", "rand", "custom")
 COMPONENTS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
@@ -100,11 +106,15 @@ class AutoAttackRef(Attack):
             generator: torch.Generator) -> AttackResult:
         seed = self.seed if self.seed is not None else int(
             torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device).cpu())
-        aa = self._build(access.model, threat, seed, x.device, access.num_classes)
-        components = list(aa.attacks_to_run)
-        if access.decision is None:
-            return self._run_reference(aa, x, y, components)
-        return self._run_judged(aa, access, x, y, components)
+        if access.decision is None and access.draws <= 1:  # the model is its own deterministic decision
+            aa = self._build(access.model, threat, seed, x.device, access.num_classes)
+            return self._run_reference(aa, x, y, list(aa.attacks_to_run))
+        # A deterministic stand-in (hard votes) goes in straight-through: forward value = the true
+        # decision's scores, gradient = the proxy's, so the reference's internal checks (which
+        # samples it still attacks, which iterate it keeps) judge as the harness does.
+        model = access.judged_model if access.judged_model is not None else access.model
+        aa = self._build(model, threat, seed, x.device, access.num_classes)
+        return self._run_judged(aa, access, x, y, list(aa.attacks_to_run))
 
     def _run_reference(self, aa: Any, x: torch.Tensor, y: torch.Tensor, components: list[str]) -> AttackResult:
         """One `run_standard_evaluation` call, exactly as a user of the reference makes it: the same
@@ -116,27 +126,25 @@ class AutoAttackRef(Attack):
 
     def _run_judged(self, aa: Any, access: ModelAccess, x: torch.Tensor, y: torch.Tensor,
                     components: list[str]) -> AttackResult:
-        """Component by component, judged between components with the true decision (`access.decision`,
-        e.g. hard votes where `access.model` is a smoothed stand-in)."""
-        x_adv = x.clone()
+        """Component by component, each output judged by the harness's verdict (`access.verdict`:
+        the true decision, R draws on a randomised model); per sample the most fooled output is kept."""
+        best = BestIterate(x)  # score -1: the first component's output is always kept
         stage = [""] * x.shape[0]
-        robust = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
         for comp in components:
-            idx = robust.nonzero().flatten()
+            idx = (~fully_fooled(best.score)).nonzero().flatten()  # not yet fooled in every decision draw
             if idx.numel() == 0:
                 break
             aa.attacks_to_run = [comp]
             chunk = self.batch_size or max(int(idx.numel()), 1)
             out, _ = aa.run_standard_evaluation(x[idx], y[idx], batch_size=chunk)
             out = out.to(x.device)
-            with torch.no_grad():  # judge with the true decision (hard votes), not a smoothed proxy
-                fooled = (access.decision or access.model)(out).argmax(1) != y[idx]
-            x_adv[idx[fooled]] = out[fooled]
-            robust[idx[fooled]] = False
-            for i in idx[fooled].tolist():
+            # judge with the harness's verdict (the true decision, its R draws on a randomised model)
+            score = access.verdict(out, y[idx])
+            replaced = best.offer(out, score, torch.zeros_like(score), idx=idx)
+            for i in idx[replaced & is_fooled(score)].tolist():
                 stage[i] = comp
-            progress.substage(comp, int(robust.sum()), int(x.shape[0]))  # robust accuracy per component, as it goes
-        return AttackResult(x_adv, stage=stage, extras={"components": components})
+            progress.substage(comp, int((~is_fooled(best.score)).sum()), int(x.shape[0]))  # robust accuracy per component, as it goes
+        return AttackResult(best.x, stage=stage, extras={"components": components})
 
 
 class _ReferenceLog:

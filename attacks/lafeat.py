@@ -17,8 +17,17 @@ the last step (the reference never checks its final iterate), a distinct seed pe
 re-seeding every run to 0, and configurable per-stage budgets so the attack can be run at a cost
 comparable to AutoAttack's.
 
+Head data: by default the train split, else a holdout tail of the evaluation's own split that
+must not overlap the evaluated images; `head_data: evaluated` (transductive) is explicit and
+labelled. One head per evaluation (never per shard).
+
 Cost accounting: every forward/backward image-pass through the model while attacking is counted
-on the evaluator's counter; head training is counted separately and returned by `prepare`.
+on the evaluator's counter; the head's training passes are returned by `prepare` as
+`prepare_forward` / `prepare_backward`, which the evaluator charges to the attack's cost.
+
+Bookkeeping: every iterate is scored by the harness's verdict (the true decision; the fraction of
+fooled draws on a randomised model) and the most fooled iterate is kept, never the first one that
+the differentiated logits call fooled.
 """
 from __future__ import annotations
 
@@ -37,12 +46,15 @@ from harness.core.access import Capability, FeatureAccess, PassCounter, count_in
 from harness.core.errors import UserError
 from harness.core.features import FeatureTap, resolve_layer
 from harness.core.hashing import stable_hash, tensor_hash
+from harness.core.losses import margin
 from harness.core.threat import ThreatModel
+from harness.core.verdict import BestIterate, confirm, fully_fooled, is_fooled
 from harness.data.training import augment_batch, to_unit
 
 HEADS = ("conv", "linear")
+HEAD_DATA = ("auto", "train", "holdout", "evaluated")
 AUGMENTS = ("auto", "reference", "crop_flip", "crop", "none")
-HEAD_CACHE_VERSION = 1
+HEAD_CACHE_VERSION = 2  # 2: training set disjoint from the evaluated images by default, new facts
 EPS_MARGIN = 1.9e-8  # the reference's float-safety margin inside the ball
 
 
@@ -197,26 +209,6 @@ def _margin(u: torch.Tensor) -> torch.Tensor:
     return (top[:, 0] - top[:, 1]).clamp_min(0).add(tiny).unsqueeze(1)
 
 
-def _project(u: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
-    if norm == "Linf":
-        return torch.minimum(torch.maximum(u, x - eps), x + eps).clamp(0.0, 1.0)
-    delta = u - x
-    n = delta.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
-    return (x + delta * torch.clamp(eps / n, max=1.0)).clamp(0.0, 1.0)
-
-
-def _random_start(x: torch.Tensor, eps: float, norm: str, gen: torch.Generator) -> torch.Tensor:
-    """The reference's start: a uniform (Linf) or Gaussian (L2) direction scaled to the sphere."""
-    shape = (-1, *([1] * (x.dim() - 1)))
-    if norm == "Linf":
-        t = torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype) * 2 - 1
-        t = t / t.flatten(1).abs().amax(1).clamp_min(1e-12).view(shape)
-    else:
-        t = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
-        t = t / t.flatten(1).norm(dim=1).clamp_min(1e-12).view(shape)
-    return (x + eps * t).clamp(0.0, 1.0)
-
-
 def merge_stage_curves(curves: list[list[dict[str, Any]]], n_total: int | None = None) -> list[dict[str, Any]]:
     """Sum per-batch stage curves (`AttackResult.extras["stages"]`) into one curve for the summary.
 
@@ -254,6 +246,12 @@ class Lafeat(Attack):
         head_epochs, head_batch_size, head_lr, head_weight_decay: head training (reference: 50 in
             the CLI, 100 in the README; 128; Adam 1e-3; 0).
         head_augment: auto | reference (crop+flip+AutoAugment) | crop_flip | crop | none.
+        head_data: what the head is trained on. auto = the train split when the dataset has one,
+            else `holdout`; train; holdout = a fixed tail of the evaluation's own split (the
+            `head_holdout` last images), which must not overlap the evaluated images; evaluated =
+            the evaluated images themselves (transductive, today's reference practice; labelled
+            as such in the manifest and the run's facts).
+        head_holdout: size of that tail: a fraction of the split (0 < f < 1) or a count (>= 1).
         iterations: gradient steps per run (reference CLI default 1, README 1000; default 20).
         betas: untargeted beta schedule (None = the reference's 10 values).
         targets: target classes in the multi-targeted stage (reference 9; 0 = no targeted stage).
@@ -274,6 +272,8 @@ class Lafeat(Attack):
     head_lr: float = 1e-3
     head_weight_decay: float = 0.0
     head_augment: str = "auto"
+    head_data: str = "auto"
+    head_holdout: float = 0.5
     iterations: int = 20
     betas: list[float] | None = None
     targets: int = 9
@@ -290,6 +290,12 @@ class Lafeat(Attack):
             raise UserError(f"lafeat head={head!r} unknown; use one of: {', '.join(HEADS)}")
         if head_augment not in AUGMENTS:
             raise UserError(f"lafeat head_augment={head_augment!r} unknown; use one of: {', '.join(AUGMENTS)}")
+        head_data, head_holdout = self.head_data, self.head_holdout
+        if head_data not in HEAD_DATA:
+            raise UserError(f"lafeat head_data={head_data!r} unknown; use one of: {', '.join(HEAD_DATA)}")
+        if not (0 < float(head_holdout) < 1 or (float(head_holdout) >= 1 and float(head_holdout).is_integer())):
+            raise UserError(f"lafeat head_holdout={head_holdout!r} must be a fraction in (0, 1) or a whole count >= 1")
+        self.head_holdout = float(head_holdout) if float(head_holdout) < 1 else int(head_holdout)
         for key in ("iterations", "restarts", "batch_size", "head_batch_size", "eot"):
             value = getattr(self, key)
             if int(value) < 1:
@@ -313,24 +319,61 @@ class Lafeat(Attack):
                 "lr": self.head_lr, "weight_decay": self.head_weight_decay,
                 "augment": resolve_augment(self.head_augment, channels), "version": HEAD_CACHE_VERSION}
 
+    def head_training_set(self, ctx: PrepareContext) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The head's training images and what they are, for the manifest. Never depends on the shard.
+
+        Disjoint from the evaluated images unless `head_data=evaluated` (transductive).
+        """
+        mode = self.head_data
+        has_train = ctx.train_x is not None and ctx.train_x.shape[0] > 0
+        if mode == "auto":
+            mode = "train" if has_train else "holdout"
+        if mode == "train":
+            if not has_train:
+                raise UserError("lafeat head_data=train: this dataset has no train split; use attack.head_data=holdout "
+                                "(a tail of the test file outside the evaluated range) or head_data=evaluated")
+            return ctx.train_x, {"head_data": "train split", "head_data_mode": "train", "head_transductive": False}
+        if mode == "evaluated":
+            return ctx.eval_x, {"head_data": f"the {ctx.eval_x.shape[0]} evaluated images (transductive)",
+                                "head_data_mode": "evaluated", "head_transductive": True}
+        pool = ctx.test_x if ctx.test_x is not None else ctx.eval_x
+        lo, hi = ctx.eval_range if ctx.eval_range is not None else (0, pool.shape[0])
+        total = int(pool.shape[0])
+        n_hold = int(self.head_holdout * total) if isinstance(self.head_holdout, float) else int(self.head_holdout)
+        start = total - n_hold
+        if n_hold < 1 or n_hold > total or hi > start:
+            fits = max(start - lo, 0)
+            raise UserError(
+                f"lafeat head_data=holdout trains the head on the last {n_hold} of the {total} test images "
+                f"({start}..{total - 1}), which overlaps the evaluated images {lo}..{hi - 1}; evaluate "
+                f"n_samples<={fits} from offset {lo}, set attack.head_holdout smaller, or set "
+                f"attack.head_data=evaluated (transductive: the head learns the evaluated images)")
+        return pool[start:], {"head_data": f"holdout: test images {start}..{total - 1} (the last {n_hold}; "
+                                           f"evaluated {lo}..{hi - 1})",
+                              "head_data_mode": "holdout", "head_transductive": False,
+                              "head_holdout_range": [start, total]}
+
     def prepare(self, ctx: PrepareContext) -> dict[str, Any]:
-        """Resolve the layer, then train (or load the cached) head; returns manifest facts."""
+        """Resolve the layer, then train (or load the cached) head; returns manifest facts.
+
+        One head per evaluation: its training set (`head_training_set`) and cache key depend on the
+        dataset and the whole evaluated range, never on the shard. Its training passes are
+        reported as `prepare_forward` / `prepare_backward` (also on a cache hit: the passes that
+        produced the cached head), which the evaluator charges to the attack's cost.
+        """
         from filelock import FileLock
 
         module = ctx.classifier.differentiable
         self.layer = resolve_layer(module, self._layer_request)
         tap = FeatureTap(module, self.layer)
         device = torch.device(ctx.device)
-        if ctx.train_x is not None and ctx.train_x.shape[0] > 0:
-            data, source = ctx.train_x, "train split"
-        else:
-            data, source = ctx.eval_x, "evaluation inputs"
+        data, source = self.head_training_set(ctx)
         with torch.no_grad():
             feat, logits = tap(to_unit(data[:2], device))
         in_shape, num_classes = tuple(feat.shape[1:]), int(logits.shape[1])
         cfg = self.head_config(int(data.shape[1]))
         key = stable_hash({"model": ctx.model_key, "layer": self.layer, "head": cfg, "seed": int(ctx.seed),
-                           "data": tensor_hash(data), "source": source})
+                           "data": tensor_hash(data), "source": source["head_data_mode"]})
         path = Path(ctx.cache_dir) / "lafeat_heads" / f"{key}.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
         with torch.random.fork_rng(devices=[]):
@@ -343,7 +386,7 @@ class Lafeat(Attack):
                 facts = dict(saved["facts"])
                 cached = True
             else:
-                facts = self._train(tap, head, data, cfg, device, int(ctx.seed), source, ctx)
+                facts = self._train(tap, head, data, cfg, device, int(ctx.seed), source)
                 from harness.core.atomic import atomic_write
 
                 state = {"state_dict": {k: v.cpu() for k, v in head.state_dict().items()}, "facts": facts}
@@ -352,15 +395,17 @@ class Lafeat(Attack):
         head.to(device).eval().requires_grad_(False)
         eval_counter = PassCounter()
         facts.update({
+            **source,
             "head_cached": cached, "head_key": key,
             "head_agreement": head_agreement(tap, head, ctx.eval_x, device, eval_counter),
-            "head_agreement_forward": eval_counter.forward,
+            "head_agreement_forward": eval_counter.forward,  # a diagnostic, not the attack's cost
+            "prepare_forward": int(facts["head_train_forward"]), "prepare_backward": int(facts["head_train_backward"]),
         })
         self._head = head
         return facts
 
     def _train(self, tap: FeatureTap, head: nn.Module, data: torch.Tensor, cfg: dict[str, Any],
-               device: torch.device, seed: int, source: str, ctx: PrepareContext) -> dict[str, Any]:
+               device: torch.device, seed: int, source: dict[str, Any]) -> dict[str, Any]:
         counter = PassCounter()
         start = time.perf_counter()
         losses = train_head(tap, head, data, epochs=cfg["epochs"], batch_size=cfg["batch_size"], lr=cfg["lr"],
@@ -369,10 +414,14 @@ class Lafeat(Attack):
         train_counter = PassCounter()
         agree_train = head_agreement(tap, head, data, device, train_counter)
         return {
-            "lafeat_layer": self.layer, "head_kind": cfg["kind"], "head_data": source,
-            "head_data_n": int(data.shape[0]), "head_augment": cfg["augment"], "head_epochs": cfg["epochs"],
-            "head_agreement_train": agree_train, "head_final_loss": losses[-1] if losses else float("nan"),
-            "head_train_forward": counter.forward + train_counter.forward, "head_train_backward": 0,
+            "lafeat_layer": self.layer, **source,
+            "head_kind": cfg["kind"], "head_data_n": int(data.shape[0]), "head_augment": cfg["augment"],
+            "head_epochs": cfg["epochs"], "head_agreement_train": agree_train,
+            "head_final_loss": losses[-1] if losses else None,
+            # epochs x images through the frozen model (no gradient reaches it); the agreement pass
+            # after training is a diagnostic, listed apart
+            "head_train_forward": counter.forward, "head_train_backward": 0,
+            "head_agreement_train_forward": train_counter.forward,
             "head_train_wall_s": time.perf_counter() - start,
         }
 
@@ -398,11 +447,12 @@ class Lafeat(Attack):
         base_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device).cpu())
         with torch.no_grad():
             z0 = access.logits(x)
-        robust = z0.argmax(1) == y
+        best = BestIterate(x)  # per sample, the most fooled iterate of all runs (the harness's verdict)
+        best.offer(x, access.verdict(x, y, logits=z0), margin(z0, y))
+        robust = ~fully_fooled(best.score)  # still worth attacking: some decision draw is right
         ranked = z0.argsort(dim=1, descending=True)  # targets: k-th most likely clean class
         top = z0.topk(2, dim=1).values
         order = (top[:, 0] - top[:, 1]).argsort(stable=True) if self.order_by_margin else torch.arange(n, device=x.device)
-        x_adv = x.clone()
         stage = [""] * n
         curve = [{"stage": "clean", "robust": int(robust.sum()), "forward": counter.forward - fwd0,
                   "backward": counter.backward - bwd0}]
@@ -415,65 +465,73 @@ class Lafeat(Attack):
                 todo = order[robust[order]]
                 for chunk in todo.split(self.batch_size):
                     target = ranked[chunk, k - 1] if k > 0 else None
-                    fooled, xb = self._single_run(access, head, x[chunk], y[chunk], target, beta, iters, threat, gen)
-                    hit = chunk[fooled]
-                    x_adv[hit] = xb[fooled]
-                    robust[hit] = False
-                    for i in hit.tolist():
+                    found = self._single_run(access, head, x[chunk], y[chunk], target, beta, iters, threat, gen)
+                    replaced = best.offer(found.x, found.score, found.loss, idx=chunk)
+                    for i in chunk[replaced & is_fooled(found.score)].tolist():
                         stage[i] = label
+                    robust[chunk] = ~fully_fooled(best.score[chunk])
             curve.append({"stage": label, "robust": int(robust.sum()), "forward": counter.forward - fwd0,
                           "backward": counter.backward - bwd0})
             if not bool(robust.any()):
                 break
-        x_adv = threat.project(x_adv, x)
+        x_adv = threat.project(best.x, x)
         extras = {"layer": self.layer, "n": n, "stages": curve,
                   "forward": counter.forward - fwd0, "backward": counter.backward - bwd0}
         return AttackResult(x_adv, stage=stage, extras=extras)
 
     def _single_run(self, access: FeatureAccess, head: nn.Module, x: torch.Tensor, y: torch.Tensor,
                     target: torch.Tensor | None, beta: float, iters: int, threat: ThreatModel,
-                    gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """One LAFEAT run (reference `attack_single_run`) from a random start; returns (fooled, x_best)."""
-        eps = threat.eps - EPS_MARGIN
+                    gen: torch.Generator) -> BestIterate:
+        """One LAFEAT run (reference `attack_single_run`) from a random start: its most fooled iterate.
+
+        Every iterate, the last included, is scored by the harness's verdict (the fraction of
+        decision draws it fools; the attack's own EOT draws on a randomised model, confirmed with
+        the harness's draws at the end); ties go to the higher margin loss of the final logits. A
+        sample stops moving once every draw is fooled (the reference's move mask, judged at the
+        pre-step point).
+        """
+        ball = threat.shrunk(EPS_MARGIN)  # the reference's eps - 1.9e-8
+        eps = ball.eps
         shape = (-1, *([1] * (x.dim() - 1)))
-        x_cur = _random_start(x, eps, threat.norm, gen)
-        x_best = x_cur.clone()
-        fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        x_cur = ball.random_start(x, gen, sphere=True)
+        best = BestIterate(x)
         x_prev = x_cur.clone()
         draws = self.eot if access.randomized else 1
-        for i in range(iters):
-            step = 2.0 * eps * (1.0 + math.cos(math.pi * i / iters)) / 2.0
-            a = 1.0 if i == 0 else 0.75
-            x_cur.requires_grad_(True)
+        loss = torch.zeros(x.shape[0], device=x.device)
+        for i in range(iters + 1):
+            last = i == iters  # the reference never checks its final iterate; we do (forward only)
+            x_cur = x_cur.detach().requires_grad_(not last)
             grad = torch.zeros_like(x)
-            z_sum = torch.zeros((), device=x.device)
+            zs: list[torch.Tensor] = []
+            loss = torch.zeros(x.shape[0], device=x.device)
             for _ in range(draws):
-                with torch.enable_grad():
-                    feat, z = access.features(x_cur)
-                    h = head(feat)
-                    m = beta * (h.detach().argmax(1) == y).to(z.dtype).unsqueeze(1)
-                    s = m * h / _margin(h) + (1.0 - m) * z / _margin(z)
-                    if target is None:
-                        loss = F.cross_entropy(s, y, reduction="sum")
+                with torch.set_grad_enabled(not last):
+                    if last:
+                        z = access.logits(x_cur)
                     else:
-                        loss = -F.cross_entropy(s, target, reduction="sum")
-                grad = grad + torch.autograd.grad(loss, x_cur)[0]
-                z_sum = z_sum + z.detach()
+                        feat, z = access.features(x_cur)
+                        h = head(feat)
+                        m = beta * (h.detach().argmax(1) == y).to(z.dtype).unsqueeze(1)
+                        s = m * h / _margin(h) + (1.0 - m) * z / _margin(z)
+                        if target is None:
+                            objective = F.cross_entropy(s, y, reduction="sum")
+                        else:
+                            objective = -F.cross_entropy(s, target, reduction="sum")
+                        grad = grad + torch.autograd.grad(objective, x_cur)[0]
+                zs.append(z.detach())
+                loss = loss + margin(z.detach(), y) / draws
             with torch.no_grad():
                 x_cur = x_cur.detach()
-                correct = z_sum.argmax(1) == y  # judged at the pre-step point, as the reference
-                newly = ~correct & ~fooled
-                x_best = torch.where(newly.view(shape), x_cur, x_best)
-                fooled = fooled | ~correct
-                move = correct.to(x.dtype).view(shape)
-                if threat.norm == "Linf":
-                    direction = grad.sign()
-                else:
-                    direction = grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(shape)
-                u = _project(x_cur + move * step * direction, x, eps, threat.norm)
-                x_next = _project(x_cur + move * (a * (u - x_cur) + (1 - a) * (x_cur - x_prev)), x, eps, threat.norm)
+                score = access.step_verdict(x_cur, y, zs)
+                best.offer(x_cur, score, loss)
+                if last:
+                    break
+                step = 2.0 * eps * (1.0 + math.cos(math.pi * i / iters)) / 2.0
+                a = 1.0 if i == 0 else 0.75
+                move = (~fully_fooled(score)).to(x.dtype).view(shape)  # judged at the pre-step point
+                u = ball.project(x_cur + move * step * ball.ascent_direction(grad), x)
+                x_next = ball.project(x_cur + move * (a * (u - x_cur) + (1 - a) * (x_cur - x_prev)), x)
                 x_prev, x_cur = x_cur, x_next
-        with torch.no_grad():  # the reference never checks its last iterate; we do (1 forward)
-            last = access.logits(x_cur).argmax(1) != y
-        x_best = torch.where((last & ~fooled).view(shape), x_cur, x_best)
-        return fooled | last, x_best
+        confirm(best, access, x_cur, y, loss)
+        return best
+

@@ -36,7 +36,9 @@ from harness.core.attack import Attack, AttackResult, register
 from harness.core.access import Capability, EnsembleAccess
 from harness.core.ensemble import aggregate, forward_members, proxy_scores, scale_scores, top_margin
 from harness.core.errors import UserError
+from harness.core.losses import margin
 from harness.core.threat import ThreatModel
+from harness.core.verdict import BestIterate, fully_fooled, is_fooled
 
 DEFAULT_TAU = {"softmax": 0.2, "voting": 0.8, "logits": 0.0}  # `float_dis` in scripts/evaluation.sh
 DEFAULT_TARGET_SCALE = {"softmax": 0.5, "voting": 0.5, "logits": 0.0}  # `mora_ce_t-5` / `mora_ce_t-0`
@@ -183,25 +185,24 @@ class MORA(Attack):
         return -F.cross_entropy(scores, target, reduction="none")
 
     def _stage(self, access: EnsembleAccess, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel,
-               generator: torch.Generator, s: float, target: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One run of n_iter iterations from a random start; returns (fooled mask, adversarial inputs)."""
+               generator: torch.Generator, s: float, target: torch.Tensor | None) -> BestIterate:
+        """One run of n_iter iterations from a random start; each sample's most fooled iterate.
+
+        Judged by the true rule at every iterate (hard votes for voting; the harness's R draws on
+        a randomised ensemble); a sample leaves the batch once every decision draw is fooled.
+        """
         mode = access.mode
         tie = getattr(access, "tie_break", "lowest")
         sharp = getattr(access, "vote_sharpness", 10.0)
         tau = DEFAULT_TAU[mode] if self.tau is None else self.tau
-        ball = ThreatModel(threat.norm, max(threat.eps - EPS_SLACK, threat.eps * 0.5))
+        ball = threat.shrunk(EPS_SLACK)
         eps = ball.eps
         n = x.shape[0]
         view = (-1,) + (1,) * (x.dim() - 1)
+        # the reference's start: uniform (Linf) / Gaussian (L2) noise rescaled to norm exactly eps
+        x_adv = ball.random_start(x, generator, sphere=True)
 
-        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1 \
-            if threat.norm == "Linf" else torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        flat = noise.flatten(1)
-        size = flat.abs().amax(1) if threat.norm == "Linf" else flat.norm(dim=1)
-        x_adv = (x + eps * noise / size.clamp_min(1e-12).view(view)).clamp(0.0, 1.0)
-
-        best = x.clone()
-        fooled = torch.zeros(n, dtype=torch.bool, device=x.device)
+        best = BestIterate(x)
         idx = torch.arange(n, device=x.device)
         xa, x0, y0 = x_adv, x, y
         t0 = target
@@ -211,27 +212,27 @@ class MORA(Attack):
             xa = xa.detach().requires_grad_(not last)
             with torch.set_grad_enabled(not last):
                 z = forward_members(access, xa)
-            now = aggregate(z.detach(), mode, tie).argmax(dim=1) != y0  # the true rule judges
-            # record the first fooling point of each sample (frozen samples stay where they are)
-            best.index_copy_(0, idx, torch.where(now.view(view), xa.detach(), best.index_select(0, idx)))
-            fooled.index_copy_(0, idx, fooled.index_select(0, idx) | now)
+            agg = aggregate(z.detach(), mode, tie)
+            if access.draws > 1:  # a randomised ensemble: the harness's R decision draws judge (counted)
+                score = access.verdict(xa.detach(), y0)
+            else:  # the true rule on the member logits just computed (hard votes for voting): exact, free
+                score = (agg.argmax(dim=1) != y0).float()
+            now = fully_fooled(score)
+            # keep each sample's most fooled point (frozen samples stay where they are)
+            best.offer(xa.detach(), score, margin(agg, y0), idx=idx)
             if last:
                 break
             keep = None
             if i % self.exit_every == 0:  # per-sample early exit: one host sync, before the gradient
-                keep = (~fooled.index_select(0, idx)).nonzero().squeeze(1)
+                keep = (~fully_fooled(best.score.index_select(0, idx))).nonzero().squeeze(1)
                 if keep.numel() == 0:
                     break
             obj = self._objective(z, y0, t0, s, mode, tau, sharp)
             grad = torch.autograd.grad((obj * (~now).to(obj.dtype)).sum(), xa)[0]
             with torch.no_grad():
                 eta = step_size(eps, i, self.n_iter, self.decay)
-                if threat.norm == "Linf":
-                    step = grad.sign()
-                else:
-                    step = grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(view)
                 xd = xa.detach()
-                x1 = ball.project(xd + eta * step, x0)
+                x1 = ball.step(xd, grad, x0, eta)
                 a = 1.0 if i == 0 else 1.0 - self.momentum
                 x_new = ball.project(xd + a * (x1 - xd) + (1.0 - a) * (xd - x_prev), x0)
                 active = (~now).view(view)
@@ -241,7 +242,7 @@ class MORA(Attack):
             if keep is not None and keep.numel() < idx.numel():  # drop the fooled samples
                 idx, xa, x_prev, x0, y0 = idx[keep], xa[keep], x_prev[keep], x0[keep], y0[keep]
                 t0 = None if t0 is None else t0[keep]
-        return fooled, best
+        return best
 
     def _targets(self, access: EnsembleAccess, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """(n, K) target classes: the non-true classes by decreasing clean ensemble score (f)."""
@@ -263,7 +264,7 @@ class MORA(Attack):
             k = min(self.n_target_classes, access.num_classes - 1)
             stages += [(f"target-{r + 2}", ts, r) for r in range(k)]
         n = x.shape[0]
-        x_adv = x.clone()
+        best = BestIterate(x)
         stage_of = torch.full((n,), -1, dtype=torch.long, device=x.device)
         remaining = torch.arange(n, device=x.device)
         targets = None
@@ -279,16 +280,16 @@ class MORA(Attack):
                     t = self._targets(access, x[remaining], y[remaining])
                     targets[remaining, : t.shape[1]] = t
                 target = targets[remaining, rank]
-            fooled, adv = self._stage(access, x[remaining], y[remaining], threat, generator, s, target)
-            hit = remaining[fooled]
-            x_adv[hit] = adv[fooled]
+            found = self._stage(access, x[remaining], y[remaining], threat, generator, s, target)
+            replaced = best.offer(found.x, found.score, found.loss, idx=remaining)
+            hit = remaining[replaced & is_fooled(found.score)]
             stage_of[hit] = si
             fooled_per_stage.append(int(hit.numel()))
-            remaining = remaining[~fooled]
+            remaining = remaining[~fully_fooled(best.score[remaining])]
         names = [name for name, _, _ in stages]
         stage_list = [names[i] if i >= 0 else "" for i in stage_of.tolist()]
         return AttackResult(
-            x_adv=x_adv,
+            x_adv=best.x,
             stage=stage_list,
             extras={"stages": names, "fooled_per_stage": fooled_per_stage, "reference_quirks": self.reference_quirks},
         )

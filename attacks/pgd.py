@@ -1,10 +1,14 @@
 """PGD (Madry et al. 2018): projected sign-gradient (Linf) or normalised-gradient (L2) ascent.
 
 Step size is relative to eps (Foolbox's `rel_stepsize`), so one config holds across an eps sweep.
-Random start, restarts (best per sample kept), CE / margin / DLR losses, and EOT over a
-randomised model's draws. Every iterate is checked for misclassification with the logits the
-gradient step already computed, plus one final check after the last step, so no success found
-along the way is lost. No host synchronisation inside the loop.
+Random start, restarts, CE / margin / DLR losses, and EOT over a randomised model's draws. Every
+iterate, the final one included, is scored by the harness's verdict (`ModelAccess.step_verdict`:
+free from the logits the gradient step already computed when they are the decision; one pass of
+the true decision for a stand-in such as the hard-vote proxy), and per sample the most fooled
+iterate across all restarts is returned: the highest fraction of fooled draws, ties to the highest
+(EOT-mean) loss, never the first iterate that fooled *any* draw. On a randomised decision the
+per-step scores are the attack's own few draws, so each restart's pick and its final iterate are
+re-judged with the harness's R draws (`confirm`). No host synchronisation inside the loop.
 """
 from __future__ import annotations
 
@@ -17,22 +21,7 @@ from harness.core.losses import LOSSES, attack_loss
 from harness.core.access import Capability, ModelAccess
 from harness.core.errors import UserError
 from harness.core.threat import ThreatModel
-
-
-def _l2_normalize(g: torch.Tensor) -> torch.Tensor:
-    norm = g.flatten(1).norm(dim=1).clamp_min(1e-12)
-    return g / norm.view(-1, *([1] * (g.dim() - 1)))
-
-
-def random_start(x: torch.Tensor, threat: ThreatModel, gen: torch.Generator) -> torch.Tensor:
-    """Uniform in the Linf ball, or uniform direction times uniform radius in the L2 ball."""
-    if threat.norm == "Linf":
-        noise = (torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype) * 2 - 1) * threat.eps
-    else:
-        direction = _l2_normalize(torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype))
-        radius = torch.rand(x.shape[0], generator=gen, device=x.device, dtype=x.dtype) * threat.eps
-        noise = direction * radius.view(-1, *([1] * (x.dim() - 1)))
-    return (x + noise).clamp(0, 1)
+from harness.core.verdict import BestIterate, confirm
 
 
 @register("pgd")
@@ -43,7 +32,7 @@ class PGD(Attack):
     Args:
         steps: iterations per restart.
         step_size: step as a fraction of eps (Madry: 2.5 / steps; default 2.5 / steps when None).
-        restarts: independent random starts; a sample counts as broken if any restart breaks it.
+        restarts: independent random starts; the most fooled iterate of all restarts is returned.
         loss: "ce", "margin" (C&W) or "dlr".
         random_start: start inside the ball instead of at x.
         eot: gradient draws averaged per step on randomised models (expectation over transformation).
@@ -70,30 +59,28 @@ class PGD(Attack):
     def run(self, access: ModelAccess, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel,
             generator: torch.Generator) -> AttackResult:
         alpha = self.step_size * threat.eps
-        best = x.clone()
-        found = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        best = BestIterate(x)
         draws = self.eot if access.randomized else 1
         for _ in range(self.restarts):
-            x_adv = random_start(x, threat, generator) if self.random_start else x.clone()
-            for _ in range(self.steps):
-                x_adv.requires_grad_(True)
+            run = BestIterate(x)
+            x_adv = threat.random_start(x, generator) if self.random_start else x.clone()
+            for i in range(self.steps + 1):  # the last pass only judges the final iterate
+                last = i == self.steps
+                x_adv = x_adv.detach().requires_grad_(not last)
                 grad = torch.zeros_like(x)
-                fooled = torch.zeros_like(found)
-                for _ in range(draws):
-                    logits = access.model(x_adv)
-                    loss = attack_loss(self.loss, logits, y).sum()
-                    grad = grad + torch.autograd.grad(loss, x_adv)[0]
-                    fooled = fooled | (logits.detach().argmax(1) != y)
+                logits, loss = [], torch.zeros(x.shape[0], device=x.device)
+                with torch.set_grad_enabled(not last):
+                    for _ in range(draws):
+                        z = access.model(x_adv)
+                        per_sample = attack_loss(self.loss, z, y)
+                        if not last:
+                            grad = grad + torch.autograd.grad(per_sample.sum(), x_adv)[0]
+                        logits.append(z.detach())
+                        loss = loss + per_sample.detach() / draws
                 x_adv = x_adv.detach()
-                newly = fooled & ~found
-                best = torch.where(newly.view(-1, 1, 1, 1), x_adv, best)
-                found = found | fooled
-                step = grad.sign() if threat.norm == "Linf" else _l2_normalize(grad)
-                x_adv = threat.project(x_adv + alpha * step, x)
-            with torch.no_grad():
-                fooled = access.model(x_adv).argmax(1) != y
-            best = torch.where((fooled & ~found).view(-1, 1, 1, 1), x_adv, best)
-            found = found | fooled
-        # samples never fooled return the final iterate of the last restart (harmless; verified anyway)
-        best = torch.where(found.view(-1, 1, 1, 1), best, x_adv)
-        return AttackResult(best)
+                run.offer(x_adv, access.step_verdict(x_adv, y, logits), loss)
+                if not last:
+                    x_adv = threat.step(x_adv, grad, x, alpha)
+            confirm(run, access, x_adv, y, loss)  # per-step scores were estimates on a randomised decision
+            best.merge(run)
+        return AttackResult(best.x)

@@ -92,8 +92,5 @@ class NES(ZOAttack):
         g = torch.einsum("ah,ahd->ad", f[:, :h] - f[:, h:], dirs) / (2 * self.sigma * h)
         m = self.momentum * state["m"][act] + (1 - self.momentum) * g
         state["m"][act] = m
-        size = self.step_size * threat.eps
-        if threat.norm == "Linf":
-            return size * m.sign()
-        return size * m / m.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return self.step_size * threat.eps * threat.ascent_direction(m)
 

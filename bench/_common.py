@@ -47,3 +47,39 @@ def write_results(name: str, payload: dict[str, Any], markdown: str) -> None:
     (RESULTS / f"{name}.json").write_text(strict_dumps(payload) + "\n")
     (RESULTS / f"{name}.md").write_text(markdown.rstrip() + "\n")
     print(f"wrote {RESULTS / name}.json and .md")
+
+
+def paired_difference(robust_a: Any, robust_b: Any, confidence: float = 0.95) -> dict[str, Any]:
+    """Paired difference of robust accuracy, A minus B, on the same samples, with McNemar's exact test.
+
+    `robust_a`, `robust_b`: per-sample bools (robust under A, under B) over the same images.
+    Only the discordant samples carry information: b = robust under A only, c = under B only;
+    diff = (b - c) / n. The interval is the exact conditional one: the Clopper-Pearson interval
+    of b / (b + c), mapped to (b + c) / n * (2 p - 1). p_value: two-sided exact binomial test of
+    b against (b + c) / 2 (McNemar exact). With no discordant sample the difference is exactly 0.
+    """
+    from scipy.stats import binomtest
+
+    a = [bool(v) for v in robust_a]
+    b_ = [bool(v) for v in robust_b]
+    if len(a) != len(b_):
+        raise ValueError(f"paired samples differ in length: {len(a)} vs {len(b_)}")
+    n = len(a)
+    only_a = sum(x and not y for x, y in zip(a, b_))
+    only_b = sum(y and not x for x, y in zip(a, b_))
+    disc = only_a + only_b
+    out: dict[str, Any] = {"n": n, "only_a": only_a, "only_b": only_b, "diff": (only_a - only_b) / n if n else 0.0,
+                           "confidence": confidence}
+    if disc == 0:
+        return {**out, "ci": [0.0, 0.0], "p_value": 1.0}
+    test = binomtest(only_a, disc, 0.5)
+    ci = test.proportion_ci(confidence_level=confidence, method="exact")
+    scale = disc / n
+    return {**out, "ci": [scale * (2 * ci.low - 1), scale * (2 * ci.high - 1)], "p_value": float(test.pvalue)}
+
+
+def format_paired(d: dict[str, Any]) -> str:
+    """`-0.4 pp [-1.2, +0.4] (2 vs 4, p=0.69)`: A minus B in points, CI, discordant counts, p."""
+    lo, hi = d["ci"]
+    return (f"{100 * d['diff']:+.1f} pp [{100 * lo:+.1f}, {100 * hi:+.1f}] "
+            f"({d['only_a']} vs {d['only_b']}, p={d['p_value']:.2g})")

@@ -1,20 +1,28 @@
-"""LAFEAT vs APGD-CE vs AutoAttack (standard): robust accuracy and gradient evaluations, side by side.
+"""LAFEAT vs APGD-CE vs AutoAttack (standard): paired on the same images, with the head's cost.
 
-Models (real pretrained, from ../shared/models) on the first N test images of ../shared/data:
+Models (real pretrained, from ../shared/models) on the test images of ../shared/data:
   resnet2b-2  cifar10_resnet2b, L-inf 2/255      resnet2b-8  cifar10_resnet2b, L-inf 8/255
   lenet5      mnist_lenet5 (PGD-trained weights), L-inf 0.3
-Methods: LAFEAT untargeted stage only; LAFEAT with the multi-targeted stage; APGD-CE alone and
-AutoAttack standard, both from the reference implementation (pyautoattack), seeded. Every method's
-model passes are counted by `harness.core.access` wrappers (images x passes; LAFEAT's head training is
-counted separately); every adversarial example is re-verified here (ball, box, own forward pass).
+Methods: LAFEAT untargeted stage only (lafeat-u); LAFEAT with the multi-targeted stage (lafeat-ut);
+optionally lafeat-ut-evaluated (the same, head trained transductively on the reported images, the
+reference's practice, for comparison); APGD-CE alone and AutoAttack standard, both from the
+reference implementation (pyautoattack), seeded. Every method attacks the SAME images (the first
+--n of the file) and every adversarial example is re-verified here (ball, box, own forward pass).
 
-The LAFEAT heads are trained on the first `--head-n` images (default 1,000: the benchmark's
-evaluation inputs; these datasets have no train split), with the model's own predictions as labels.
+The LAFEAT head is trained on images disjoint from the reported ones: the file's tail (images n..
+end; these npz files have no train split), with the model's own predictions as labels. Its
+training passes are reported beside the attack's (`head fwd/img`: the head's passes spread over the
+n reported images) and included in the totals. No parameter is tuned on the reported images: the
+LAFEAT configs below are fixed by a cost budget (arithmetic: at most ~380 gradient evaluations per
+surviving image, about 20 % of AutoAttack's), not by accuracy on any image.
 
-    python bench/bench_lafeat.py                       # n=1000, every model, every method
-    python bench/bench_lafeat.py --n 200 --models resnet2b-2 --aa-n 200
-Results go to bench/results/lafeat.json and .md (entries are merged by (model, method), so a
-CPU-bound run can be done model by model).
+Comparisons are paired: LAFEAT's robust accuracy minus AutoAttack's on the same images, with
+McNemar's exact interval and p-value (bench/_common.paired_difference).
+
+    python bench/bench_lafeat.py --models resnet2b-2 --n 500     # report 0..499, head on 500..999
+    python bench/bench_lafeat.py --models lenet5 --n 500 --methods lafeat-u,lafeat-ut
+Results go to bench/results/lafeat.json and .md (entries are merged by (model, method); a pairing
+is shown only between entries measured on the same images).
 """
 from __future__ import annotations
 
@@ -22,6 +30,8 @@ import argparse
 import importlib.util
 import json
 import logging
+import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -32,6 +42,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import attacks  # noqa: E402,F401  (registers lafeat)
 from harness.core.attack import PrepareContext, build_attack  # noqa: E402
@@ -42,8 +53,8 @@ from harness.core.hashing import module_hash  # noqa: E402
 from harness.core.threat import ThreatModel  # noqa: E402
 from harness.data.training import to_unit  # noqa: E402
 from harness.core.atomic import strict_dumps  # noqa: E402  (strict JSON: null, never NaN)
+from _common import SHARED, format_paired, paired_difference  # noqa: E402
 
-SHARED = ROOT.parent / "shared"
 RESULTS = ROOT / "bench" / "results"
 
 SETTINGS: dict[str, dict[str, Any]] = {
@@ -86,11 +97,15 @@ def verify(model: torch.nn.Module, x_adv: torch.Tensor, x: torch.Tensor, y: torc
     return correct | threat.violations(x_adv, x)
 
 
-def run_lafeat(clf: Classifier, x_u8: torch.Tensor, y: torch.Tensor, n: int, head_n: int, threat: ThreatModel,
-               spec: dict[str, Any], seed: int, cache: Path) -> dict[str, Any]:
-    attack = build_attack({**LAFEAT_BASE, **spec})
-    ctx = PrepareContext(classifier=clf, train_x=None, train_y=None, eval_x=x_u8[:head_n], cache_dir=cache,
-                         device=torch.device("cpu"), seed=seed, model_key=module_hash(clf.module))
+def run_lafeat(clf: Classifier, x_u8: torch.Tensor, y: torch.Tensor, n: int, threat: ThreatModel,
+               spec: dict[str, Any], seed: int, cache: Path, head_data: str = "holdout") -> dict[str, Any]:
+    """LAFEAT on images 0..n-1; its head on the file's tail n..end (or, transductively, on 0..n-1)."""
+    total = int(x_u8.shape[0])
+    head = {"head_data": head_data, **({"head_holdout": total - n} if head_data == "holdout" else {})}
+    attack = build_attack({**LAFEAT_BASE, **spec, **head})
+    ctx = PrepareContext(classifier=clf, train_x=None, train_y=None, eval_x=x_u8[:n], cache_dir=cache,
+                         device=torch.device("cpu"), seed=seed, model_key=module_hash(clf.module),
+                         test_x=x_u8, eval_range=(0, n))
     t0 = time.perf_counter()
     facts = attack.prepare(ctx)
     head_s = time.perf_counter() - t0
@@ -108,10 +123,12 @@ def run_lafeat(clf: Classifier, x_u8: torch.Tensor, y: torch.Tensor, n: int, hea
     return {
         "clean": float(clean.float().mean()), "robust": float(robust.float().mean()),
         "forward": counter.forward, "backward": counter.backward, "wall_s": wall,
+        "prepare_forward": int(facts["prepare_forward"]), "prepare_backward": int(facts["prepare_backward"]),
         "robust_mask": robust.tolist(), "stages": result.extras["stages"],
-        "head": {k: facts[k] for k in ("lafeat_layer", "head_kind", "head_data", "head_data_n", "head_augment",
-                                       "head_epochs", "head_agreement", "head_train_forward", "head_cached")},
-        "head_wall_s": head_s, "config": {**LAFEAT_BASE, **spec},
+        "head": {k: facts[k] for k in ("lafeat_layer", "head_kind", "head_data", "head_data_mode", "head_transductive",
+                                       "head_data_n", "head_augment", "head_epochs", "head_agreement",
+                                       "head_agreement_train", "head_train_forward", "head_cached")},
+        "head_wall_s": head_s, "config": {**LAFEAT_BASE, **spec, **head},
     }
 
 
@@ -136,74 +153,104 @@ def run_autoattack(clf: Classifier, x_u8: torch.Tensor, y: torch.Tensor, n: int,
     robust = clean & verify(clf.module, x_adv, x, y[:n], threat)
     return {"clean": float(clean.float().mean()), "robust": float(robust.float().mean()),
             "forward": counter.forward, "backward": counter.backward, "wall_s": wall,
+            "prepare_forward": 0, "prepare_backward": 0,
             "robust_mask": robust.tolist(), "config": {"version": version, "attacks": attacks_, "seed": seed}}
 
 
 METHODS = ("lafeat-u", "lafeat-ut", "apgd-ce", "autoattack")
+OPTIONAL = ("lafeat-ut-evaluated",)
 
 
-def bench_setting(name: str, n: int, aa_n: int, head_n: int, methods: list[str], seed: int, cache: Path) -> dict[str, Any]:
+def bench_setting(name: str, n: int, methods: list[str], seed: int, cache: Path) -> dict[str, Any]:
     clf, x_u8, y, eps = load_setting(name)
+    if not 0 < n < x_u8.shape[0]:
+        sys.exit(f"--n {n}: the head needs images outside the reported ones; use 0 < n < {x_u8.shape[0]}")
     threat = ThreatModel("Linf", eps)
     out: dict[str, Any] = {}
     for method in methods:
         print(f"[{name}] {method} ...", flush=True)
         if method == "lafeat-u":
-            r = run_lafeat(clf, x_u8, y, n, head_n, threat, LAFEAT_U, seed, cache)
+            r = run_lafeat(clf, x_u8, y, n, threat, LAFEAT_U, seed, cache)
         elif method == "lafeat-ut":
-            r = run_lafeat(clf, x_u8, y, n, head_n, threat, LAFEAT_UT, seed, cache)
+            r = run_lafeat(clf, x_u8, y, n, threat, LAFEAT_UT, seed, cache)
+        elif method == "lafeat-ut-evaluated":
+            r = run_lafeat(clf, x_u8, y, n, threat, LAFEAT_UT, seed, cache, head_data="evaluated")
         elif method == "apgd-ce":
             r = run_autoattack(clf, x_u8, y, n, threat, "custom", seed)
         else:
-            r = run_autoattack(clf, x_u8, y, aa_n, threat, "standard", seed)
-        r["n"] = n if method != "autoattack" else aa_n
+            r = run_autoattack(clf, x_u8, y, n, threat, "standard", seed)
+        r["n"] = n
+        r["images"] = [0, n]
         r["eps"] = eps
-        print(f"   robust {r['robust']:.3f}  fwd {r['forward']}  bwd {r['backward']}  {r['wall_s']:.0f}s", flush=True)
+        print(f"   robust {r['robust']:.3f}  fwd {r['forward']}  bwd {r['backward']}  head fwd {r['prepare_forward']}  "
+              f"{r['wall_s']:.0f}s", flush=True)
         out[method] = r
     return out
 
 
 def table(results: dict[str, dict[str, Any]]) -> str:
-    """Markdown table; ratios are against AutoAttack on the same model (per-image passes when n differ)."""
-    lines = ["| model | eps | method | n | clean | robust acc | fwd passes/img | grad evals (bwd)/img | bwd vs AA | robust vs AA (pp) | wall s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    """Markdown table; ratios and paired differences are against AutoAttack on the same images."""
+    lines = ["| model | eps | method | images | clean | robust acc | fwd/img | head fwd/img | grad evals (bwd)/img | "
+             "bwd vs AA | robust - AA, paired (95% CI; discordant; McNemar p) | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, res in results.items():
         aa = res.get("autoattack")
-        for method in METHODS:
+        for method in (*METHODS, *OPTIONAL):
             r = res.get(method)
             if r is None:
                 continue
-            fwd, bwd = r["forward"] / r["n"], r["backward"] / r["n"]
-            ratio = f"{bwd / (aa['backward'] / aa['n']):.1%}" if aa else "-"
-            diff = "-"
-            if aa:
-                m = min(r["n"], aa["n"])  # paired, on the common first m images
-                a = np.array(r["robust_mask"][:m], dtype=float).mean()
-                b = np.array(aa["robust_mask"][:m], dtype=float).mean()
-                diff = f"{100 * (a - b):+.1f} (n={m})"
-            lines.append(f"| {name} | {r['eps']:.4g} | {method} | {r['n']} | {r['clean']:.1%} | {r['robust']:.1%} | "
-                         f"{fwd:.0f} | {bwd:.0f} | {ratio} | {diff} | {r['wall_s']:.0f} |")
-    lines += ["", "| model | LAFEAT layer | head | head data | augment | epochs | head agreement | head training fwd passes |",
-              "|---|---|---|---|---|---|---|---|"]
+            same = aa is not None and aa.get("images") == r.get("images")
+            fwd, bwd, head = r["forward"] / r["n"], r["backward"] / r["n"], r.get("prepare_forward", 0) / r["n"]
+            ratio = f"{bwd / (aa['backward'] / aa['n']):.1%}" if same else "-"
+            diff = format_paired(paired_difference(r["robust_mask"], aa["robust_mask"])) if same and method != "autoattack" else "-"
+            lo, hi = r.get("images", [0, r["n"]])
+            lines.append(f"| {name} | {r['eps']:.4g} | {method} | {lo}..{hi - 1} | {r['clean']:.1%} | {r['robust']:.1%} | "
+                         f"{fwd:.0f} | {head:.0f} | {bwd:.0f} | {ratio} | {diff} | {r['wall_s']:.0f} |")
+    lines += ["", "| model | method | LAFEAT layer | head | head data | augment | epochs | agreement (reported images) | "
+              "agreement (head's own images) | head training fwd passes |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, res in results.items():
-        r = res.get("lafeat-u") or res.get("lafeat-ut")
-        if r:
-            h = r["head"]
-            lines.append(f"| {name} | {h['lafeat_layer']} | {h['head_kind']} | {h['head_data']} (n={h['head_data_n']}) | "
-                         f"{h['head_augment']} | {h['head_epochs']} | {h['head_agreement']:.1%} | {h['head_train_forward']} |")
+        for method in ("lafeat-u", "lafeat-ut", "lafeat-ut-evaluated"):
+            r = res.get(method)
+            if r:
+                h = r["head"]
+                lines.append(f"| {name} | {method} | {h['lafeat_layer']} | {h['head_kind']} | {h['head_data']} | "
+                             f"{h['head_augment']} | {h['head_epochs']} | {h['head_agreement']:.1%} | "
+                             f"{h['head_agreement_train']:.1%} | {h['head_train_forward']} |")
     return "\n".join(lines)
+
+
+def findings(results: dict[str, dict[str, Any]]) -> str:
+    """Target check per model, computed from the stored entries (never typed in): robust accuracy
+    <= AutoAttack's with <= 25 % of its gradient evaluations, judged by the paired interval."""
+    out = ["", "Against the target (robust accuracy <= AutoAttack's at <= 25 % of its gradient evaluations, "
+           "paired on the same images):", ""]
+    for name, res in results.items():
+        aa = res.get("autoattack")
+        if aa is None:
+            continue
+        for method in ("lafeat-u", "lafeat-ut"):
+            r = res.get(method)
+            if r is None or r.get("images") != aa.get("images"):
+                continue
+            d = paired_difference(r["robust_mask"], aa["robust_mask"])
+            share = (r["backward"] / r["n"]) / (aa["backward"] / aa["n"])
+            total_fwd = (r["forward"] + r.get("prepare_forward", 0)) / (aa["forward"])
+            verdict = ("met" if d["diff"] <= 0 and share <= 0.25 else
+                       "missed (not significant)" if d["p_value"] >= 0.05 and share <= 0.25 else "missed")
+            out.append(f"- {name} {method}: {verdict}: {format_paired(d)} at {share:.1%} of AutoAttack's gradient "
+                       f"evaluations; forward passes including the head's training: {total_fwd:.1%} of AutoAttack's.")
+    return "\n".join(out) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=1000, help="images attacked by LAFEAT and APGD-CE")
-    p.add_argument("--aa-n", type=int, default=None, help="images attacked by AutoAttack (default: --n)")
-    p.add_argument("--head-n", type=int, default=1000, help="images the LAFEAT head is trained on")
+    p.add_argument("--n", type=int, default=500, help="report on images 0..n-1 (every method); the head trains on n..end")
     p.add_argument("--models", default=",".join(SETTINGS), help="comma list of " + ", ".join(SETTINGS))
-    p.add_argument("--methods", default=",".join(METHODS), help="comma list of " + ", ".join(METHODS))
+    p.add_argument("--methods", default=",".join(METHODS), help="comma list of " + ", ".join((*METHODS, *OPTIONAL)))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", default=str(ROOT / "arena-work" / "cache"))
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--fresh", action="store_true", help="drop the stored entries instead of merging into them")
     p.add_argument("--render-only", action="store_true", help="rewrite lafeat.md from lafeat.json, run nothing")
     args = p.parse_args(argv)
     if args.render_only:
@@ -217,51 +264,59 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     RESULTS.mkdir(parents=True, exist_ok=True)
     json_path = RESULTS / "lafeat.json"
-    fresh = {name: bench_setting(name, args.n, args.aa_n or args.n, args.head_n, args.methods.split(","), args.seed,
-                                 Path(args.cache)) for name in args.models.split(",")}
+    load_start = os.getloadavg()
+    start = time.perf_counter()
+    fresh = {name: bench_setting(name, args.n, args.methods.split(","), args.seed, Path(args.cache))
+             for name in args.models.split(",")}
     from filelock import FileLock
 
     Path(args.cache).mkdir(parents=True, exist_ok=True)
     with FileLock(str(Path(args.cache) / "bench_lafeat.lock")):  # merge into what other (partial) runs stored meanwhile
-        stored = json.loads(json_path.read_text()) if json_path.is_file() else {"results": {}, "runs": []}
+        stored = json.loads(json_path.read_text()) if json_path.is_file() and not args.fresh else {"results": {}, "runs": []}
         for name, res in fresh.items():
             stored["results"].setdefault(name, {}).update(res)
-        _store(stored, json_path, args, argv)
+        _store(stored, json_path, args, argv, load_start, os.getloadavg(), time.perf_counter() - start)
     md = table(stored["results"])
     print(md)
     return 0
 
 
-def _store(stored: dict[str, Any], json_path: Path, args: argparse.Namespace, argv: list[str] | None) -> None:
+def _store(stored: dict[str, Any], json_path: Path, args: argparse.Namespace, argv: list[str] | None,
+           load_start: tuple[float, ...], load_end: tuple[float, ...], wall: float) -> None:
     stored["runs"].append({"command": "python bench/bench_lafeat.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,
-                           "threads": args.threads})
+                           "threads": args.threads, "platform": platform.platform(), "cpus": os.cpu_count(),
+                           "load_avg_start": [round(v, 2) for v in load_start],
+                           "load_avg_end": [round(v, 2) for v in load_end], "wall_s": round(wall, 1)})
     json_path.write_text(strict_dumps(stored, indent=1) + "\n")
     _render(stored)
 
 
 NOTES = """
-Columns: passes are image-passes through the model (a batch of B counts B), per image of the n
-attacked (clean pass included). "bwd vs AA" divides per-image gradient evaluations by AutoAttack's
-on the same model; "robust vs AA" is paired, on the first n images both attacked. LAFEAT's head
-training is not in these columns; it is listed in the second table (forward passes only, no
-gradient through the model). LAFEAT configs: lafeat-u = 10 betas x 20 iterations, untargeted;
-lafeat-ut = the same plus the multi-targeted stage (9 targets x 20 iterations at beta=0.4).
-
-AutoAttack on all 1,000 images, measured by others with pyautoattack 0.2.0 (seed 0), for the
-settings where this CPU-bound run measured a subset: resnet2b L-inf 2/255 clean 70.3 %, robust
-55.0 %, 4.34 M forward / 1.07 M backward image-passes; lenet5 (PGD weights) L-inf 0.3 clean 98.2 %,
-robust 87.5 %, 6.95 M forward / 1.71 M backward. Against those, LAFEAT (n=1000) is 54.9 % (-0.1 pp)
-with 10.6 % / 19.8 % of the gradient evaluations on resnet2b-2, and 88.8 % (+1.3 pp) with
-10.6 % / 19.9 % on lenet5. Analysis: docs/lafeat.md.
+Columns: passes are image-passes through the model (a batch of B counts B), per reported image
+(clean pass included). "head fwd/img" is the LAFEAT head's training (forward passes through the
+frozen model, no gradient reaches it) spread over the reported images; it is part of LAFEAT's
+cost and is not in "fwd/img". "bwd vs AA" divides per-image gradient evaluations by AutoAttack's
+on the same images; "robust - AA" is LAFEAT's robust accuracy minus AutoAttack's, paired on the
+same images (McNemar exact 95 % interval; "b vs c" = images robust under the method only vs
+under AutoAttack only). LAFEAT configs: lafeat-u = 10 betas x 20 iterations, untargeted;
+lafeat-ut = the same plus the multi-targeted stage (9 targets x 20 iterations at beta=0.4);
+lafeat-ut-evaluated = lafeat-ut with its head trained on the reported images themselves
+(transductive, for comparison only). The head of lafeat-u/-ut trains on the file's images after
+the reported ones. Nothing was tuned on the reported images. Wall seconds were measured on a
+shared machine (load averages per run below): indicative only.
 """
 
 
 def _render(stored: dict[str, Any]) -> None:
+    runs = stored["runs"]
     (RESULTS / "lafeat.md").write_text(
-        "# LAFEAT vs APGD-CE vs AutoAttack (standard)\n\n" + table(stored["results"]) + "\n" + NOTES
-        + "\nCommands (run one by one on a shared 2-core CPU, OMP_NUM_THREADS=1; entries merge by model and method):\n\n"
-        + "\n".join(f"- `{r['command']}` ({r['date']})" for r in stored["runs"]) + "\n")
+        "# LAFEAT vs APGD-CE vs AutoAttack (standard), paired on the same images\n\n" + table(stored["results"]) + "\n"
+        + findings(stored["results"]) + NOTES
+        + "\nCommands (one model at a time, OMP_NUM_THREADS=1; entries merge by model and method):\n\n"
+        + "\n".join(f"- `{r['command']}` ({r['date']}, {r.get('platform', '?')}, {r.get('cpus', '?')} CPUs, "
+                     f"{r['threads']} thread(s), load average {r.get('load_avg_start', '?')} -> {r.get('load_avg_end', '?')}, "
+                     f"{r.get('wall_s', '?')} s)" for r in runs) + "\n")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ runs in train mode. This is what the TRADES reference does; Madry et al.'s MNIST
 no BatchNorm, so it is the only choice that keeps BN statistics those of the training inputs.
 Gradients are taken with `torch.autograd.grad` with respect to the input only, so no parameter
 gradient accumulates. Randomness (the random start) comes from the global torch RNG on the
-input's device, which `harness.data.training.train` seeds. No host synchronisation.
+input's device, which `harness.data.training.train` seeds. The geometry (random start, ascent
+direction, projected step) is `ThreatModel`'s, shared with every attack. No host synchronisation.
 """
 from __future__ import annotations
 
@@ -20,26 +21,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.core.threat import ThreatModel
-
-
-def _l2_normalize(g: torch.Tensor) -> torch.Tensor:
-    norm = g.flatten(1).norm(dim=1).clamp_min(1e-12)
-    return g / norm.view(-1, *([1] * (g.dim() - 1)))
-
-
-def _random_start(x: torch.Tensor, threat: ThreatModel) -> torch.Tensor:
-    if threat.norm == "Linf":
-        noise = (torch.rand_like(x) * 2 - 1) * threat.eps
-    else:
-        direction = _l2_normalize(torch.randn_like(x))
-        radius = torch.rand(x.shape[0], device=x.device, dtype=x.dtype) * threat.eps
-        noise = direction * radius.view(-1, *([1] * (x.dim() - 1)))
-    return (x + noise).clamp(0.0, 1.0)
-
-
-def _step(x_adv: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, threat: ThreatModel, alpha: float) -> torch.Tensor:
-    direction = grad.sign() if threat.norm == "Linf" else _l2_normalize(grad)
-    return threat.project(x_adv + alpha * direction, x)
 
 
 class _EvalMode:
@@ -76,13 +57,13 @@ def pgd_examples(
         return x.detach()
     alpha = step_size * threat.eps
     x = x.detach()
-    x_adv = _random_start(x, threat) if random_start else x.clone()
+    x_adv = threat.random_start(x) if random_start else x.clone()
     with _EvalMode(model):
         for _ in range(steps):
             x_adv.requires_grad_(True)
             loss = F.cross_entropy(model(x_adv), y, reduction="sum")
             grad = torch.autograd.grad(loss, x_adv)[0]
-            x_adv = _step(x_adv.detach(), grad, x, threat, alpha)
+            x_adv = threat.step(x_adv.detach(), grad, x, alpha)
     return x_adv.detach()
 
 
@@ -109,5 +90,5 @@ def trades_examples(
             x_adv.requires_grad_(True)
             kl = F.kl_div(F.log_softmax(model(x_adv), dim=1), p_clean, reduction="sum")
             grad = torch.autograd.grad(kl, x_adv)[0]
-            x_adv = _step(x_adv.detach(), grad, x, threat, alpha)
+            x_adv = threat.step(x_adv.detach(), grad, x, alpha)
     return x_adv.detach()

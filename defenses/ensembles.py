@@ -39,6 +39,7 @@ from harness.core.classifier import Classifier
 from harness.core.ensemble import MODES, TIE_BREAKS, Ensemble, make_classifier
 from harness.core.errors import UserError
 from harness.core.hashing import stable_hash
+from harness.core.threat import ThreatModel
 from harness.data.models import build_model
 from harness.data.training import TrainConfig
 
@@ -147,6 +148,7 @@ def distill(member: nn.Module, layer: nn.Module, x_s: torch.Tensor, x_t: torch.T
     with torch.no_grad():
         target = tapped_features(member, layer, x_t).detach()
     x_adv = x_s.detach().clone()
+    ball = ThreatModel("Linf", eps)
     g = torch.zeros_like(x_adv)
     for _ in range(steps):
         x_adv.requires_grad_(True)
@@ -158,8 +160,7 @@ def distill(member: nn.Module, layer: nn.Module, x_s: torch.Tensor, x_t: torch.T
                 grad = grad / grad.flatten(1).abs().sum(1).clamp_min(1e-12).view(-1, *([1] * (grad.dim() - 1)))
                 g = g + grad
                 grad = g
-            x_adv = x_adv.detach() - alpha * grad.sign()
-            x_adv = torch.min(torch.max(x_adv, x_s - eps), x_s + eps).clamp(0.0, 1.0)
+            x_adv = ball.step(x_adv.detach(), -grad, x_s, alpha)  # descent: towards the target's features
     return x_adv.detach()
 
 
@@ -270,15 +271,15 @@ class TRS(EnsembleDefense):
 
     def _gradient_pgd(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
         """PGD that maximises the members' mean squared input-gradient norm (step eps/3, random start)."""
-        adv = (x + (torch.rand_like(x) * 2 - 1) * eps).clamp(0, 1).detach()
+        ball = ThreatModel("Linf", eps)
+        adv = ball.random_start(x).detach()
         for _ in range(self.pgd_steps):
             adv.requires_grad_(True)
             _, grads = input_gradients(model, adv, y)
             mag = 2 * grads.pow(2).sum(-1).mean(-1).mean()
             g = torch.autograd.grad(mag, adv)[0]
             with torch.no_grad():
-                adv = adv + eps / 3 * g.sign()
-                adv = torch.min(torch.max(adv, x - eps), x + eps).clamp(0, 1)
+                adv = ball.step(adv, g, x, eps / 3)
         return adv.detach()
 
     def loss(self, model, x, y, epoch):

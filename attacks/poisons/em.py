@@ -29,6 +29,7 @@ from harness.core.errors import UserError
 from harness.core.registry import follows
 from harness.data.models import build_model
 from harness.core.progress import progress_bar
+from harness.core.threat import ThreatModel
 
 
 @register_poison("em")
@@ -118,12 +119,12 @@ class EM(Poison):
 
     def _minimise(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """`steps` signed-gradient descent steps on CE(model(x + delta), y) within the L-inf ball and box."""
+        ball = ThreatModel("Linf", self.eps)
         delta = delta.clone()
         for _ in range(self.steps):
             delta.requires_grad_(True)
             loss = F.cross_entropy(model(x + delta), y)
             (grad,) = torch.autograd.grad(loss, delta)
-            with torch.no_grad():
-                delta = (delta - self.step_size * grad.sign()).clamp_(-self.eps, self.eps)
-                delta = (x + delta).clamp_(0, 1) - x
+            with torch.no_grad():  # a descent step: ascend the negated gradient
+                delta = ball.step(x + delta, -grad, x, self.step_size) - x
         return delta.detach()

@@ -37,8 +37,6 @@ def eval_task(cfg: DictConfig) -> dict[str, Any]:
 
 def eval_precheck(cfg: DictConfig) -> None:
     """Plan one composed configuration of a sweep (validates every value, writes nothing)."""
-    import attacks  # noqa: F401  (registers attacks)
-    import defenses  # noqa: F401  (registers defenses)
     from harness.evasion.plan import plan_evaluation
 
     plan_evaluation(to_plain(cfg))

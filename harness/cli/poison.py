@@ -41,17 +41,13 @@ def poison_task(cfg: DictConfig) -> dict[str, Any]:
 
 def poison_precheck(cfg: DictConfig) -> None:
     """Plan one composed configuration of a sweep (validates cheap values, writes nothing)."""
-    import attacks.poisons  # noqa: F401  (registers poisons)
-    import defenses  # noqa: F401  (registers defenses)
-    import defenses.augment_baselines  # noqa: F401  (the poisoning track's training defenses)
-    import defenses.iss  # noqa: F401
-    import defenses.ueraser  # noqa: F401
-    from attacks.poisons import build_poison
     from harness.core.defense import build_defense
+    from harness.core.poison import build_poison
     from harness.poisoning.run import plan
 
-    _, semantic, _ = plan(to_plain(cfg))
-    build_poison(semantic["poison"])  # names and parameters (the training recipe too) checked here
+    plain = to_plain(cfg)
+    _, semantic, _ = plan(plain)
+    build_poison(semantic["poison"], {"model": dict(plain.get("model") or {})})  # names and parameters (the training recipe too) checked here
     build_defense(dict(semantic["defense"]))
 
 

@@ -9,8 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
+
+from harness.core.verdict import StraightThrough, fused_straight_through
+
+if TYPE_CHECKING:
+    from harness.core.classifier import Classifier
 
 
 class Capability(str, Enum):
@@ -70,10 +77,13 @@ class CountingModule(nn.Module):
 
 @dataclass
 class ModelAccess:
-    """White-box access: a counted differentiable model.
+    """White-box access: a counted differentiable model, and the harness's verdict.
 
     `eot` is the number of random draws a gradient attack should average when `randomized`
-    (expectation over transformation); 1 for deterministic models.
+    (expectation over transformation); 1 for deterministic models. `randomized` describes `model`
+    (what the attack differentiates); `draws` is how many decision draws the harness's verdict
+    takes (its R when the defended classifier is randomised, else 1), so a deterministic view of a
+    randomised model (`view: fixed`) has `randomized=False` and `draws=R`.
     """
 
     model: nn.Module
@@ -81,9 +91,13 @@ class ModelAccess:
     counter: PassCounter
     randomized: bool = False
     eot: int = 1
-    # The true decision when `model` is only a differentiable stand-in (hard-vote ensembles):
-    # attacks that keep their own "already fooled" bookkeeping should judge with this.
+    # The true decision when `model` is only a differentiable stand-in (hard-vote ensembles, views
+    # of a randomised model): attacks judge their bookkeeping with it, through `verdict`.
     decision: nn.Module | None = None
+    draws: int = 1
+    # `model` with the decision's forward value and `model`'s gradient (deterministic stand-ins
+    # only); for code that judges success from the logits it differentiates (pyautoattack).
+    judged_model: nn.Module | None = None
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -94,6 +108,37 @@ class ModelAccess:
             return self.model(x)
         return torch.stack([self.model(x) for _ in range(self.eot)]).mean(0)
 
+    @torch.no_grad()
+    def verdict(self, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-sample fraction of the harness's decision draws that misclassify `x` (counted passes).
+
+        The evaluator's own rule: the true decision (`decision`, else `model`), `draws` times.
+        0 or 1 for a deterministic classifier; a sample is broken when the fraction exceeds 1/2
+        (`harness.core.verdict.is_fooled`). `logits` of `model` at `x`, when the attack has them,
+        make it free where they are the decision (a deterministic model that is no stand-in).
+        """
+        if logits is not None and self.decision is None and self.draws <= 1:
+            return (logits.detach().argmax(1) != y).float()
+        module = self.decision if self.decision is not None else self.model
+        wrong = torch.zeros(x.shape[0], device=x.device)
+        for _ in range(max(self.draws, 1)):
+            wrong += (module(x).argmax(1) != y).float()
+        return wrong / max(self.draws, 1)
+
+    @torch.no_grad()
+    def step_verdict(self, x: torch.Tensor, y: torch.Tensor, logits: list[torch.Tensor]) -> torch.Tensor:
+        """The verdict score of an iterate whose logits (one per EOT draw) the attack already has.
+
+        Free and exact when `model` is the decision of a deterministic classifier; on a randomised
+        one, the fraction of the attack's own draws that misclassify (an estimate of `verdict`,
+        which attacks use to confirm their final candidates, `harness.core.verdict.confirm`).
+        With a stand-in: one counted pass of the decision (exact for hard votes; one draw, an
+        estimate, for a randomised decision).
+        """
+        if self.decision is None:
+            wrong = torch.stack([(z.detach().argmax(1) != y).float() for z in logits])
+            return wrong.mean(0)
+        return (self.decision(x).argmax(1) != y).float()
 
 @dataclass
 class EnsembleAccess(ModelAccess):
@@ -125,3 +170,29 @@ class FeatureAccess(ModelAccess):
     def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         assert self.tap is not None
         return self.tap(count_input(x, self.counter))
+
+
+def make_model_access(classifier: "Classifier", counter: PassCounter, *, eot: int = 1, draws: int = 1,
+                      view: str | None = None) -> ModelAccess:
+    """Gradient access to a defended classifier, counted, with the harness's verdict attached.
+
+    `view` names one of `classifier.views` to differentiate instead (a deterministic stand-in);
+    the verdict is always the classifier's own decision, over `draws` draws when it is randomised
+    (the evaluator's R). A deterministic stand-in (hard votes) also gets `judged_model`.
+    """
+    if view is not None:
+        target, randomized = classifier.views[view], False  # views are deterministic stand-ins
+    else:
+        target, randomized = classifier.differentiable, classifier.randomized
+    n_draws = max(int(draws), 1) if classifier.randomized else 1
+    if target is classifier.module:
+        return ModelAccess(CountingModule(target, counter), classifier.num_classes, counter, randomized=randomized,
+                           eot=eot, draws=n_draws)
+    decision = CountingModule(classifier.module, counter)
+    judged = None
+    if not classifier.randomized:  # a randomised decision has no cheap deterministic value to pass through
+        fused = fused_straight_through(target, classifier.module)
+        judged = CountingModule(fused, counter) if fused is not None else \
+            StraightThrough(CountingModule(target, counter), decision)
+    return ModelAccess(CountingModule(target, counter), classifier.num_classes, counter, randomized=randomized,
+                       eot=eot, decision=decision, draws=n_draws, judged_model=judged)

@@ -35,17 +35,23 @@ class AttackResult:
 
 @dataclass
 class PrepareContext:
-    """What `Attack.prepare` may use: the defended classifier, training data, caches, device."""
+    """What `Attack.prepare` may use: the defended classifier, training data, caches, device.
+
+    The evaluation data are the *whole* evaluation's (every shard sees the same), so anything
+    prepared from them (a LAFEAT head) is one per evaluation, identical across shards.
+    """
 
     classifier: Any  # harness.core.classifier.Classifier
     train_x: torch.Tensor | None  # uint8 NCHW train split (None when the dataset has none)
     train_y: torch.Tensor | None
-    eval_x: torch.Tensor  # uint8 NCHW evaluation inputs (fallback data for heads)
+    eval_x: torch.Tensor  # uint8 NCHW inputs of the whole evaluation (all shards)
     cache_dir: Any  # pathlib.Path
     device: torch.device
     seed: int
     model_key: str  # hash identifying the defended model's weights
     progress: bool = False
+    test_x: torch.Tensor | None = None  # uint8 NCHW: the whole split the evaluation is drawn from
+    eval_range: tuple[int, int] | None = None  # [lo, hi): the evaluated images' positions in test_x
 
 
 class Attack(Plugin, ABC):
@@ -60,7 +66,13 @@ class Attack(Plugin, ABC):
     requires: ClassVar[Capability] = Capability.GRADIENTS
 
     def prepare(self, ctx: PrepareContext) -> dict[str, Any]:
-        """One-off work before the first batch (e.g. train a head). Returns facts to record."""
+        """One-off work before the first batch (e.g. train a head). Returns facts to record.
+
+        Model passes spent here belong to the attack's cost: report them as `prepare_forward` and
+        `prepare_backward` (image-passes); the evaluator spreads them evenly over the evaluated
+        samples and adds them to the forward/backward columns (a cached result reports the passes
+        that produced it, so the cost does not depend on the cache).
+        """
         return {}
 
     @abstractmethod

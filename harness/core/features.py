@@ -169,17 +169,21 @@ class FeatureTap(nn.Module):
         return captured[-1], logits
 
 
-def make_feature_access(classifier: Any, layer: str | None, counter: PassCounter, eot: int = 1) -> FeatureAccess:
+def make_feature_access(classifier: Any, layer: str | None, counter: PassCounter, eot: int = 1,
+                        draws: int = 1) -> FeatureAccess:
     """White-box access plus a counted feature tap on `classifier.differentiable` at `layer`.
 
     Every `features(x)` call counts one forward image-pass per input (and one backward if a
-    gradient reaches x), on the same counter as `logits(x)`.
+    gradient reaches x), on the same counter as `logits(x)`. When the differentiable module is a
+    stand-in (hard votes), `decision` is the true one, so `verdict` judges as the harness does.
     """
     module = classifier.differentiable
     tap = FeatureTap(module, layer)
+    decision = CountingModule(classifier.module, counter) if module is not classifier.module else None
     return FeatureAccess(
         model=CountingModule(module, counter), num_classes=classifier.num_classes, counter=counter,
-        randomized=bool(classifier.randomized), eot=eot, tap=tap, layer=tap.layer,
+        randomized=bool(classifier.randomized), eot=eot, decision=decision,
+        draws=max(int(draws), 1) if classifier.randomized else 1, tap=tap, layer=tap.layer,
     )
 
 

@@ -38,7 +38,7 @@ COLUMNS = [
     "forward_per_sample", "backward_per_sample", "queries_per_sample", "attack_time_s",
     "train_time_s", "train_passes", "params",
     "randomized", "ensemble", "upper_bound", "masking_suspected", "violations", "nonfinite_grad", "submission",
-    "isolation", "stateful_model", "data",
+    "isolation", "stateful_model", "data", "transductive",
     "seed", "config_hash", "harness_version", "git", "finished", "command",
 ]
 ROW_KEY = ["defense_id", "dataset", "data_hash", "threat", "suite", "attacks_hash"]
@@ -46,7 +46,7 @@ ROW_KEY = ["defense_id", "dataset", "data_hash", "threat", "suite", "attacks_has
 FLOAT_COLUMNS = ("eps", "clean_acc", "robust_acc", "robust_acc_mean", "robust_acc_majority", "best_known_acc",
                  "forward_per_sample", "backward_per_sample", "queries_per_sample", "attack_time_s", "train_time_s")
 INT_COLUMNS = ("n_samples", "train_passes", "params", "violations", "seed")
-BOOL_COLUMNS = ("randomized", "ensemble", "upper_bound", "masking_suspected", "submission")
+BOOL_COLUMNS = ("randomized", "ensemble", "upper_bound", "masking_suspected", "submission", "transductive")
 REQUIRED = ("defense", "defense_id", "dataset", "data_hash", "threat", "norm", "eps", "suite", "attacks_hash",
             "n_samples", "config_hash")
 """Columns that are never empty in a row the harness wrote."""
@@ -179,6 +179,8 @@ def _row(run: RunDir, manifest: dict[str, Any], summary: dict[str, Any], samples
         "isolation": isolation_of(manifest),
         "stateful_model": bool(summary.get("stateful_model", False)),
         "data": data_source(manifest),
+        # an attack prepared on the evaluated images themselves (a LAFEAT head with head_data=evaluated)
+        "transductive": any(bool((f or {}).get("head_transductive")) for f in (manifest.get("prepare") or {}).values()),
         "seed": manifest.get("seed"),
         "config_hash": run.key,
         "harness_version": (manifest.get("versions") or {}).get("robustarena", __version__),

@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 
 from harness.core import progress
-from harness.core.access import Capability, CountingModule, ModelAccess, PassCounter
+from harness.core.access import Capability, PassCounter, make_model_access
 from harness.core.classifier import Classifier
 from harness.core.contract import output_problem
 from harness.core.errors import UserError
@@ -39,9 +39,10 @@ from harness.evasion.plan import AttackSlot, EvalPlan
 
 
 def make_access(slot: AttackSlot, clf: Classifier, counter: PassCounter, batch_size: int, device: torch.device,
-                ledger: QueryLedger | None = None) -> Any:
-    """Hand the attack exactly the capability it declares, counted (`ledger`: the evaluator's own
-    query count for score-only attacks)."""
+                ledger: QueryLedger | None = None, draws: int = 1) -> Any:
+    """Hand the attack exactly the capability it declares, counted, with the harness's verdict
+    (`ledger`: the evaluator's own query count for score-only attacks; `draws` = the evaluator's R
+    decision draws for a randomised classifier)."""
     attack = slot.attack
     eot = int(getattr(attack, "eot", 1) or 1)
     needs = attack.requires
@@ -52,22 +53,16 @@ def make_access(slot: AttackSlot, clf: Classifier, counter: PassCounter, batch_s
     if needs == Capability.FEATURES:
         from harness.core.features import make_feature_access
 
-        return make_feature_access(clf, getattr(attack, "layer", None), counter)
+        return make_feature_access(clf, getattr(attack, "layer", None), counter, eot=eot, draws=draws)
     if needs == Capability.ENSEMBLE:
         if clf.ensemble is None:
             raise UserError(f"attack {slot.label!r} needs an ensemble defense (members); this defense has none")
         from harness.core.ensemble import make_ensemble_access
 
-        return make_ensemble_access(clf, counter, eot=eot)
-    if slot.view is not None:
-        if slot.view not in clf.views:
-            raise UserError(f"attack {slot.label!r} asks for view={slot.view!r}; this defense offers: {sorted(clf.views) or 'none'}")
-        target, randomized = clf.views[slot.view], False  # views are deterministic stand-ins
-    else:
-        target, randomized = clf.differentiable, clf.randomized
-    decision = CountingModule(clf.module, counter) if target is not clf.module else None
-    return ModelAccess(CountingModule(target, counter), clf.num_classes, counter, randomized=randomized, eot=eot,
-                       decision=decision)
+        return make_ensemble_access(clf, counter, eot=eot, draws=draws)
+    if slot.view is not None and slot.view not in clf.views:
+        raise UserError(f"attack {slot.label!r} asks for view={slot.view!r}; this defense offers: {sorted(clf.views) or 'none'}")
+    return make_model_access(clf, counter, eot=eot, draws=draws, view=slot.view)
 
 
 def _batch_seed(seed: int, batch: int, salt: str) -> int:
@@ -154,6 +149,7 @@ def evaluate_batch(plan: EvalPlan, clf: Classifier, b: int, ids: torch.Tensor, x
         rows.append({"sample_id": ids_list[i], "label": y_list[i], "attack": "clean", "order": 0, "ran": True,
                      "correct_draws": clean_list[i], "draws": n_draws, "success": False,
                      "pred": pred_list[i], "linf": 0.0, "l2": 0.0, "n_forward": 0.0, "n_backward": 0.0,
+                     "prepare_forward": 0.0, "prepare_backward": 0.0,
                      "n_queries": 0, "time_s": 0.0, "violation": False, "stage": "",
                      "budget_exhausted": False, "nonfinite_grad": False})
     progress.stage_done("clean", x.shape[0], float(clean_count.sum()) / n_draws)
@@ -165,8 +161,11 @@ def evaluate_batch(plan: EvalPlan, clf: Classifier, b: int, ids: torch.Tensor, x
             results = _run_stage(plan, clf, snapshot, slot, b, idx, x, y, worst, n_draws, ids, on_verified)
         for i in range(x.shape[0]):
             r = results.get(i) or {"ran": False, "correct_draws": -1, "success": False, "pred": -1, "linf": float("nan"),
-                                   "l2": float("nan"), "n_forward": 0.0, "n_backward": 0.0, "n_queries": 0, "time_s": 0.0,
-                                   "violation": False, "stage": "", "budget_exhausted": False, "nonfinite_grad": False}
+                                   "l2": float("nan"), "n_forward": slot.prepare_forward, "n_backward": slot.prepare_backward,
+                                   "n_queries": 0, "time_s": 0.0, "violation": False, "stage": "", "budget_exhausted": False,
+                                   "nonfinite_grad": False}
+            # every evaluated sample carries its even share of what the attack's prepare() spent
+            r = {**r, "prepare_forward": slot.prepare_forward, "prepare_backward": slot.prepare_backward}
             rows.append({"sample_id": ids_list[i], "label": y_list[i], "attack": slot.label, "order": k, "draws": n_draws, **r})
         progress.stage_done(slot.label, x.shape[0], int((worst == n_draws).sum()))
     return pd.DataFrame(rows)
@@ -188,7 +187,7 @@ def _run_stage(plan: EvalPlan, clf: Classifier, snapshot: ModelSnapshot, slot: A
     torch.manual_seed(seed)
     gen = torch.Generator(device=device).manual_seed(seed)
     ledger = QueryLedger(m, device) if slot.attack.requires == Capability.SCORES else None
-    access = make_access(slot, clf, counter, m, device, ledger)
+    access = make_access(slot, clf, counter, m, device, ledger, draws=plan.draws)
     xa, ya, threat_given = xs.clone(), ys.clone(), ThreatModel(threat.norm, threat.eps)
     roots, unit = tally_roots(clf, access)
     with PassTally(roots, m, device) as tally:
@@ -227,6 +226,8 @@ def _run_stage(plan: EvalPlan, clf: Classifier, snapshot: ModelSnapshot, slot: A
     else:
         queries = exhausted = None
         n_fwd, n_bwd = tally.forward / unit / m, tally.backward / unit / m  # the judge's own count
+    # the attack's even share of what its prepare() spent (e.g. LAFEAT's head training) joins its cost
+    n_fwd, n_bwd = n_fwd + slot.prepare_forward, n_bwd + slot.prepare_backward
     stage = list(out.stage or [])
     stage += [""] * (m - len(stage))
     cols = [count, pred, linf, l2, bad, tally.nonfinite_mask()]

@@ -32,6 +32,10 @@ class AttackSlot:
     attack: Attack
     spec: dict[str, Any]
     view: str | None = None
+    # image-passes `attack.prepare` spent (e.g. training a LAFEAT head), per evaluated sample of the
+    # whole evaluation; set by the run, charged to every sample's record of this attack
+    prepare_forward: float = 0.0
+    prepare_backward: float = 0.0
 
 
 @dataclass
@@ -55,6 +59,7 @@ class EvalPlan:
     cascade: bool
     extra: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # one-line warnings to print before the run
+    eval_range: tuple[int, int] = (0, 0)  # [lo, hi) of the whole evaluation (all shards) in data.test_x
 
 
 def _semantic_value(key: str, value: Any) -> Any:
@@ -196,6 +201,7 @@ def plan_evaluation(cfg: dict[str, Any], data: DatasetSplits | None = None, chec
     n_samples = None if cfg.get("n_samples") is None else int_setting(cfg.get("n_samples"), "n_samples", 1000)
     offset = int_setting(cfg.get("offset", 0) or 0, "offset", 0)
     ids, x, y = select_eval(data, n_samples, offset)
+    eval_range = (offset, offset + int(ids.shape[0]))
     eval_ids, eval_data = tensor_hash(ids), tensor_hash(x)  # the whole evaluation set: all shards share it
     sl, shard = parse_shard(cfg.get("shard"), ids.shape[0], batch_size)
     ids, x, y = ids[sl], x[sl], y[sl]
@@ -223,6 +229,7 @@ def plan_evaluation(cfg: dict[str, Any], data: DatasetSplits | None = None, chec
     run = MemoryRun.for_config(semantic) if work_dir is None else RunDir.for_config(work_dir, "runs", semantic)
     return EvalPlan(cfg, data, ids, x, y, threat, slots, suite_name, semantic, run, device, seed, batch_size,
                     draws, cascade, extra={"unsharded_hash": stable_hash(unsharded), "shard": shard,
-                                           "first_batch": sl.start // batch_size}, notes=notes)
+                                           "first_batch": sl.start // batch_size}, notes=notes,
+                                           eval_range=eval_range)
 
 

@@ -144,16 +144,22 @@ class _Prepared:
             raise err
         model_key = module_hash(clf.module)
         self.start = time.perf_counter()
+        lo, hi = plan.eval_range  # the whole evaluation (all shards): what prepare() sees never depends on the shard
+        n_total = max(hi - lo, 1)
         for slot in plan.slots:
             # copies: prepare() may read the classifier and the evaluation images, never rebind or rewrite them
             facts = slot.attack.prepare(PrepareContext(
-                classifier=_record_copy(clf), train_x=plan.data.train_x, train_y=plan.data.train_y, eval_x=plan.x.clone(),
-                cache_dir=self.cache_dir, device=plan.device, seed=plan.seed, model_key=model_key, progress=progress))
+                classifier=_record_copy(clf), train_x=plan.data.train_x, train_y=plan.data.train_y,
+                eval_x=plan.data.test_x[lo:hi].clone(), cache_dir=self.cache_dir, device=plan.device, seed=plan.seed,
+                model_key=model_key, progress=progress, test_x=plan.data.test_x.clone(), eval_range=(lo, hi)))
             problem = snapshot.changes()
             if problem is not None:
                 raise void(slot.label, "in prepare()", problem)
             if facts:
                 self.prep[slot.label] = facts
+                # prepare-time passes are the attack's cost, spread evenly over the whole evaluation
+                slot.prepare_forward = float(facts.get("prepare_forward", 0)) / n_total
+                slot.prepare_backward = float(facts.get("prepare_backward", 0)) / n_total
         self.snapshot = snapshot
         self.defense_info = {**clf.info, "randomized": clf.randomized, "ensemble": clf.ensemble is not None}
         if self.write_manifest:

@@ -38,7 +38,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.core.losses import margin
-from attacks.pgd import random_start
 from harness.core.atomic import atomic_write_json
 from harness.core.classifier import Classifier
 from harness.core.threat import ThreatModel
@@ -170,10 +169,6 @@ def _logits(model: nn.Module, x: torch.Tensor, draws: int) -> torch.Tensor:
     return out / draws
 
 
-def _l2_normalize(g: torch.Tensor) -> torch.Tensor:
-    return g / g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (g.dim() - 1)))
-
-
 @dataclass
 class Probe:
     """Outcome of one probe attack: per-sample success, robust accuracy and mean loss per step."""
@@ -191,7 +186,7 @@ def probe_pgd(model: nn.Module, decider: Decider, x: torch.Tensor, y: torch.Tens
     `loss_curve` is the mean loss per step over the samples the probe did not break.
     """
     alpha = threat.eps if single_step else 2.5 * threat.eps / steps
-    x_adv = random_start(x, threat, gen) if (start and not single_step) else x.clone()
+    x_adv = threat.random_start(x, gen) if (start and not single_step) else x.clone()
     best = x.clone()
     found = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     acc: list[float] = []
@@ -208,9 +203,7 @@ def probe_pgd(model: nn.Module, decider: Decider, x: torch.Tensor, y: torch.Tens
             found |= now
             acc.append(float(1.0 - found.float().mean()))
             losses.append(loss.detach())
-            grad = torch.nan_to_num(grad)
-            step = grad.sign() if threat.norm == "Linf" else _l2_normalize(grad)
-            x_adv = threat.project(x_adv + alpha * step, x)
+            x_adv = threat.step(x_adv, torch.nan_to_num(grad), x, alpha)
     with torch.no_grad():
         last = _logits(model, x_adv, eot).argmax(1) != y
         best = torch.where((last & ~found).view(-1, 1, 1, 1), x_adv, best)
@@ -229,11 +222,7 @@ def probe_noise(decider: Decider, x: torch.Tensor, y: torch.Tensor, threat: Thre
     """Uniform noise in the ball (Linf: uniform per pixel; L2: random direction at radius eps)."""
     fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     for _ in range(draws):
-        if threat.norm == "Linf":
-            noise = (torch.rand(x.shape, generator=gen, device=x.device) * 2 - 1) * threat.eps
-        else:
-            noise = _l2_normalize(torch.randn(x.shape, generator=gen, device=x.device)) * threat.eps
-        fooled |= decider.fooled((x + noise).clamp(0, 1), y)
+        fooled |= decider.fooled(threat.random_start(x, gen, sphere=threat.norm == "L2"), y)
     return fooled
 
 

@@ -19,6 +19,11 @@ def per_sample_worst(samples: pd.DataFrame) -> pd.DataFrame:
     return out.sort_index()
 
 
+def _col_sum(rows: pd.DataFrame, column: str) -> float:
+    """Sum of a column that records written before it existed lack (then 0)."""
+    return float(rows[column].sum()) if column in rows else 0.0
+
+
 def _three(correct: pd.Series, draws: pd.Series) -> dict[str, float]:
     if len(correct) == 0:
         return {"mean": float("nan"), "majority": float("nan"), "worst": float("nan")}
@@ -51,8 +56,12 @@ def accuracies(samples: pd.DataFrame) -> dict[str, Any]:
             "attacked": int(len(ran)),
             "broken": int(((running == 0) & ~before_broken).sum()),
             "success_rate": float(ran["success"].mean()) if len(ran) else float("nan"),
-            "n_forward": float(ran["n_forward"].sum()),
-            "n_backward": float(ran["n_backward"].sum()),
+            # every row, not only `ran`: a row the cascade skipped still carries its share of the
+            # attack's prepare-time passes (also listed on their own below)
+            "n_forward": float(rows["n_forward"].sum()),
+            "n_backward": float(rows["n_backward"].sum()),
+            "prepare_forward": _col_sum(rows, "prepare_forward"),
+            "prepare_backward": _col_sum(rows, "prepare_backward"),
             "n_queries": int(ran["n_queries"].sum()),
             "median_queries_success": float(ran.loc[ran["success"], "n_queries"].median()) if ran["success"].any() else float("nan"),
             "time_s": float(ran["time_s"].sum()),
@@ -71,6 +80,8 @@ def accuracies(samples: pd.DataFrame) -> dict[str, Any]:
         "forward_per_sample": total_fwd / n,
         "backward_per_sample": total_bwd / n,
         "queries_per_sample": sum(a["n_queries"] for a in attacks.values()) / n,
+        "prepare_forward": sum(a["prepare_forward"] for a in attacks.values()),
+        "prepare_backward": sum(a["prepare_backward"] for a in attacks.values()),
         "attack_time_s": sum(a["time_s"] for a in attacks.values()),
         "violations": sum(a["violations"] for a in attacks.values()),
         "nonfinite_grad": sum(a["nonfinite_grad"] for a in attacks.values()),

@@ -171,19 +171,57 @@ def test_layers_cli_lists_layers_and_marks_default(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------
 # The head
 # ---------------------------------------------------------------------------------------------
-def test_head_training_keeps_the_model_frozen_and_uses_eval_inputs_without_train_split(tmp_path):
+def _holdout_ctx(clf: Classifier, test_x, lo: int, hi: int, cache: Path) -> PrepareContext:
+    """A dataset without a train split whose evaluation is test images lo..hi-1."""
+    return PrepareContext(classifier=clf, train_x=None, train_y=None, eval_x=test_x[lo:hi], cache_dir=cache, device=CPU,
+                          seed=0, model_key=module_hash(clf.module), test_x=test_x, eval_range=(lo, hi))
+
+
+def test_head_training_keeps_the_model_frozen_and_avoids_the_evaluated_images(tmp_path):
     data = load_dataset({"name": "digits"})
     model = build_model({"name": "resnet20", "mean": [0.0], "std": [1.0]}, 10, data.input_shape)  # batch norm: must stay in eval mode
     clf = Classifier(model, 10, data.input_shape)
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    test_x = data.test_x[:128]
     attack = build_attack({"name": "lafeat", "head_epochs": 1, "head": "linear"})
-    facts = attack.prepare(_ctx(clf, None, data.test_x[:64], tmp_path))
-    assert facts["head_data"] == "evaluation inputs" and facts["head_data_n"] == 64
-    assert facts["head_train_forward"] == 64 + 64  # one epoch + the agreement pass; no backward through the model
-    assert facts["head_train_backward"] == 0 and attack.layer == "layer3.1"
-    assert not model.training
+    facts = attack.prepare(_holdout_ctx(clf, test_x, 0, 64, tmp_path))
+    # no train split: by default the fixed tail of the file (the last half), disjoint from 0..63
+    assert facts["head_data_mode"] == "holdout" and facts["head_holdout_range"] == [64, 128]
+    assert facts["head_data_n"] == 64 and facts["head_transductive"] is False
+    assert facts["head_train_forward"] == 64  # one epoch; no backward through the model
+    assert facts["prepare_forward"] == 64 and facts["prepare_backward"] == 0 == facts["head_train_backward"]
+    assert attack.layer == "layer3.1" and not model.training
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), f"{k} changed during head training"
+    # the same tail whatever the evaluated range inside the rest: one head, one cache entry
+    again = build_attack({"name": "lafeat", "head_epochs": 1, "head": "linear"})
+    facts2 = again.prepare(_holdout_ctx(clf, test_x, 10, 40, tmp_path))
+    assert facts2["head_cached"] and facts2["head_key"] == facts["head_key"]
+    assert facts2["prepare_forward"] == 64  # a cached head still costs what it took to train
+
+
+def test_head_holdout_overlapping_the_evaluation_is_a_one_line_error_and_transductive_is_labelled(tmp_path):
+    data = load_dataset({"name": "digits"})
+    clf = Classifier(build_model({"name": "small_cnn"}, 10, data.input_shape), 10, data.input_shape)
+    test_x = data.test_x[:100]
+    attack = build_attack({"name": "lafeat", "head_epochs": 1, "head": "linear"})
+    with pytest.raises(UserError) as err:
+        attack.prepare(_holdout_ctx(clf, test_x, 0, 100, tmp_path))
+    msg = str(err.value)
+    assert "\n" not in msg and "50..99" in msg and "0..99" in msg and "n_samples<=50" in msg
+    assert "head_data=evaluated" in msg
+    with pytest.raises(UserError, match="no train split"):
+        build_attack({"name": "lafeat", "head_data": "train"}).prepare(_holdout_ctx(clf, test_x, 0, 10, tmp_path))
+    with pytest.raises(UserError, match="head_data='test'"):
+        build_attack({"name": "lafeat", "head_data": "test"})
+    with pytest.raises(UserError, match="head_holdout"):
+        build_attack({"name": "lafeat", "head_holdout": 1.5})
+    trans = build_attack({"name": "lafeat", "head_epochs": 1, "head": "linear", "head_data": "evaluated"})
+    facts = trans.prepare(_holdout_ctx(clf, test_x, 0, 100, tmp_path))
+    assert facts["head_data_mode"] == "evaluated" and facts["head_transductive"] is True
+    assert "transductive" in facts["head_data"] and facts["head_data_n"] == 100
+    count = build_attack({"name": "lafeat", "head_epochs": 1, "head": "linear", "head_holdout": 30})
+    assert count.prepare(_holdout_ctx(clf, test_x, 0, 70, tmp_path))["head_holdout_range"] == [70, 100]
 
 
 @pytest.mark.slow
@@ -191,7 +229,7 @@ def test_head_agrees_with_default_model_and_is_cached(prepared, default_model, m
     facts, attack, cache = prepared
     assert facts["head_data"] == "train split" and facts["lafeat_layer"] == "conv2"
     assert facts["head_agreement"] >= 0.90, facts
-    assert facts["head_train_forward"] == TEST_HEAD["head_epochs"] * 4000 + 4000
+    assert facts["head_train_forward"] == TEST_HEAD["head_epochs"] * 4000
     assert not facts["head_cached"]
     again = build_attack({"name": "lafeat", **TEST_HEAD})
     facts2 = again.prepare(_ctx(default_model, mnist.train_x, mnist.test_x[:500], cache))
@@ -293,7 +331,8 @@ def test_beta_schedule_and_configs_build():
 
 def test_end_to_end_eval_records_stages_and_head_facts(tmp_path):
     """`arena eval attack=lafeat`: the evaluator hands LAFEAT a feature tap at the resolved layer,
-    verifies its examples, and keeps the head facts and per-sample stages."""
+    verifies its examples, keeps the head facts and per-sample stages, and charges the head's
+    training passes to the attack's cost (their own columns, and inside the totals)."""
     import pandas as pd
 
     from harness.api import run_eval
@@ -303,10 +342,52 @@ def test_end_to_end_eval_records_stages_and_head_facts(tmp_path):
                         "threat.eps=0.2"], tmp_path)
     facts = summary["prepare"]["lafeat"]
     assert facts["head_data"] == "train split" and facts["lafeat_layer"] == "conv2"
-    assert 0.0 <= facts["head_agreement"] <= 1.0 and facts["head_train_forward"] > 0
+    assert 0.0 <= facts["head_agreement"] <= 1.0 and facts["head_train_forward"] == 2 * 1437
     records = pd.read_parquet(f"{summary['run_dir']}/samples.parquet")
     rows = records[(records["attack"] == "lafeat") & records["ran"]]
     assert len(rows) > 0 and rows["success"].any()
     assert set(rows.loc[rows["success"], "stage"]) <= {"untargeted beta=0.4", "untargeted beta=0", "targeted beta=0.4 t=2"}
     assert (rows.loc[rows["success"], "stage"] != "").all()  # every verified success has the stage that found it
     assert summary["attacks"]["lafeat"]["n_backward"] > 0
+    every = records[records["attack"] == "lafeat"]
+    assert len(every) == 60 and (every["prepare_forward"] == 2 * 1437 / 60).all()  # spread evenly
+    assert summary["prepare_forward"] == pytest.approx(2 * 1437) and summary["prepare_backward"] == 0
+    attack_only = float(rows["n_forward"].sum()) - float(rows["prepare_forward"].sum())
+    assert summary["forward_per_sample"] == pytest.approx((attack_only + 2 * 1437) / 60)
+
+
+@pytest.mark.slow
+def test_sharded_lafeat_shares_one_head_and_equals_the_unsharded_run(tmp_path):
+    """One head per evaluation: shards train (or load) the same head from the same holdout, so the
+    merged shards equal the unsharded run per sample, prepare-time costs included."""
+    import pandas as pd
+
+    from harness.api import run_eval
+
+    base = ["dataset=digits", "n_samples=80", "batch_size=20", "defense.train.epochs=1", "attack=lafeat",
+            "attack.head_data=holdout", "attack.head_epochs=2", "attack.iterations=4", "attack.betas=[0.4]",
+            "attack.targets=1", "threat.eps=0.15"]
+    whole = run_eval(base, tmp_path / "whole")
+    shards = [run_eval([*base, f"shard={i}/2"], tmp_path / "shards") for i in range(2)]
+    keys = {s["prepare"]["lafeat"]["head_key"] for s in [whole, *shards]}
+    assert len(keys) == 1 and whole["prepare"]["lafeat"]["head_holdout_range"] == [180, 360]
+    assert [s["prepare"]["lafeat"]["head_cached"] for s in shards] == [False, True]
+    merged = pd.concat([pd.read_parquet(f"{s['run_dir']}/samples.parquet") for s in shards], ignore_index=True)
+    reference = pd.read_parquet(f"{whole['run_dir']}/samples.parquet")
+    pd.testing.assert_frame_equal(merged.drop(columns="time_s"), reference.drop(columns="time_s"))
+    assert float(merged["prepare_forward"].sum()) == pytest.approx(2 * 180)
+
+
+def test_transductive_head_is_labelled_on_the_board(tmp_path):
+    """`head_data=evaluated` (the head learns the evaluated images) shows as `transductive` on the
+    leaderboard row; the default (train split) does not."""
+    from harness.api import run_eval
+    from harness.evasion import board
+
+    base = ["dataset=digits", "n_samples=20", "batch_size=20", "defense.train.epochs=1", "attack=lafeat",
+            "attack.head_epochs=1", "attack.iterations=2", "attack.betas=[0.4]", "attack.targets=0", "threat.eps=0.1"]
+    run_eval(base, tmp_path / "default")
+    trans = run_eval([*base, "attack.head_data=evaluated"], tmp_path / "evaluated")
+    assert trans["prepare"]["lafeat"]["head_transductive"] is True
+    assert board.build_table([tmp_path / "default"])["transductive"].tolist() == [False]
+    assert board.build_table([tmp_path / "evaluated"])["transductive"].tolist() == [True]
