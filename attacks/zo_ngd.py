@@ -261,8 +261,10 @@ class ZONGD(ZOAttack):
         if self.fisher == "rank1":
             return g_l.unsqueeze(-1)
         p0 = l0.exp()
-        o0 = torch.log(1.0001 - p0)  # the reference's guard against log(0)
-        oj = torch.log(1.0001 - lj.exp())
+        # log(1.0001 - p_y) as in the reference (1e-4 guards log 0); 1 - p_y = -expm1(log p_y) keeps
+        # the digits that 1 - p_y loses once p_y is within float precision of 1
+        o0 = torch.log(1e-4 - torch.expm1(l0))
+        oj = torch.log(1e-4 - torch.expm1(lj))
         g_o = zo_gradient(oj, o0, dirs, self.mu)
         return torch.stack([p0.sqrt().unsqueeze(1) * g_l, (1 - p0).clamp_min(0).sqrt().unsqueeze(1) * g_o], -1)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import platform
 import sys
 import time
@@ -12,7 +13,8 @@ from typing import Any
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+# ../shared beside the checkout; ROBUSTARENA_SHARED points elsewhere (e.g. from a git worktree)
+SHARED = Path(os.environ.get("ROBUSTARENA_SHARED") or REPO.parent / "shared")
 RESULTS = REPO / "bench" / "results"
 
 

@@ -265,7 +265,7 @@ def evaluate_batch(plan: EvalPlan, clf: Classifier, b: int, ids: torch.Tensor, x
                      "correct_draws": int(clean_count[i]), "draws": n_draws, "success": False,
                      "pred": int(clean_pred[i]), "linf": 0.0, "l2": 0.0, "n_forward": 0.0, "n_backward": 0.0,
                      "n_queries": 0, "time_s": 0.0, "violation": False, "stage": "",
-                     "budget_exhausted": False})
+                     "budget_exhausted": False, "certified": float("nan")})
     for k, slot in enumerate(plan.slots, start=1):
         pool = (worst > 0) if plan.cascade else (clean_count > 0)
         idx = pool.nonzero().flatten()
@@ -293,17 +293,20 @@ def evaluate_batch(plan: EvalPlan, clf: Classifier, b: int, ids: torch.Tensor, x
                 raise RuntimeError(f"{slot.label}: oracle passes {access.passes} != queries {access.total}")
             m = idx.numel()
             stage = out.stage or [""] * m
+            # proved robust by a complete verifier (attack=exact): 1/0; NaN for attacks that cannot prove it
+            cert = out.certified.detach().cpu().float().tolist() if out.certified is not None else [float("nan")] * m
             for j, i in enumerate(idx.tolist()):
                 results[i] = {"ran": True, "correct_draws": int(count[j]), "success": bool(count[j] * 2 < n_draws) if n_draws > 1 else bool(count[j] == 0),
                               "pred": int(pred[j]), "linf": float(linf[j]), "l2": float(l2[j]),
                               "n_forward": counter.forward / m, "n_backward": counter.backward / m,
                               "n_queries": int(queries[j]) if queries is not None else 0,
                               "time_s": elapsed / m, "violation": bool(bad[j]), "stage": str(stage[j]),
-                              "budget_exhausted": bool(exhausted[j]) if exhausted is not None else False}
+                              "budget_exhausted": bool(exhausted[j]) if exhausted is not None else False,
+                              "certified": cert[j]}
         for i in range(x.shape[0]):
             r = results.get(i) or {"ran": False, "correct_draws": -1, "success": False, "pred": -1, "linf": float("nan"),
                                    "l2": float("nan"), "n_forward": 0.0, "n_backward": 0.0, "n_queries": 0, "time_s": 0.0,
-                                   "violation": False, "stage": "", "budget_exhausted": False}
+                                   "violation": False, "stage": "", "budget_exhausted": False, "certified": float("nan")}
             rows.append({"sample_id": ids_list[i], "label": y_list[i], "attack": slot.label, "order": k, "draws": n_draws, **r})
     return pd.DataFrame(rows)
 

@@ -23,7 +23,7 @@ from harness.store import RunDir, completed_runs
 
 COLUMNS = [
     "defense", "defense_id", "model", "dataset", "threat", "norm", "eps", "suite", "n_samples",
-    "clean_acc", "robust_acc", "robust_acc_mean", "robust_acc_majority", "best_known_acc", "cascade",
+    "clean_acc", "robust_acc", "robust_acc_mean", "robust_acc_majority", "best_known_acc", "certified_acc", "cascade",
     "forward_per_sample", "backward_per_sample", "queries_per_sample", "attack_time_s",
     "train_time_s", "train_passes", "params",
     "randomized", "ensemble", "masking_suspected", "violations", "submission",
@@ -70,6 +70,7 @@ def _row(run: RunDir, manifest: dict[str, Any], summary: dict[str, Any], samples
         "robust_acc_mean": _pct(acc["robust_acc_mean"]),
         "robust_acc_majority": _pct(acc["robust_acc_majority"]),
         "best_known_acc": _pct(best_known),
+        "certified_acc": _pct(acc["certified_acc"]),
         "cascade": ";".join(f"{k}={_pct(v['robust_acc_after'])}" for k, v in acc["attacks"].items()),
         "forward_per_sample": round(acc["forward_per_sample"], 1),
         "backward_per_sample": round(acc["backward_per_sample"], 1),

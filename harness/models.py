@@ -48,6 +48,33 @@ class SmallCNN(Normalized):
         return self.fc2(F.relu(self.fc1(x)))
 
 
+class ConvSmall(Normalized):
+    """The verification benchmarks' small MNIST network (ERAN's ConvSmall family): two 4x4 stride-2
+    convolutions, one hidden dense layer, ReLU, no pooling, as one `nn.Sequential` (`net`).
+
+    Small enough that `attack=exact` decides robustness with a MIP; 28x28 -> 14x14 -> 7x7 with
+    padding 1 (8x8 digits: 4x4 -> 2x2).
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, channels: Sequence[int] = (8, 16), hidden: int = 100,
+                 image_size: int = 28, mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,)) -> None:
+        super().__init__(mean, std)
+        if len(channels) != 2 or min(channels) < 1 or hidden < 1:
+            raise UserError(f"model.channels={list(channels)} and model.hidden={hidden}: give two positive channel counts and hidden >= 1")
+        c1, c2 = (int(c) for c in channels)
+        side = (image_size + 1) // 2
+        side = (side + 1) // 2  # two 4x4 stride-2 convolutions with padding 1 halve each side (rounding up)
+        self.net = nn.Sequential(
+            nn.Conv2d(in_channels, c1, 4, 2, 1), nn.ReLU(),
+            nn.Conv2d(c1, c2, 4, 2, 1), nn.ReLU(),
+            nn.Flatten(), nn.Linear(c2 * side * side, int(hidden)), nn.ReLU(),
+            nn.Linear(int(hidden), num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.normalize(x))
+
+
 class BasicBlock(nn.Module):
     expansion = 1
 
@@ -219,6 +246,9 @@ BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "preact_resnet18": lambda c, k, cfg: ResNet(PreActBlock, (2, 2, 2, 2), c, k, preact=True, **_norm_args(cfg, c)),
     "wrn": lambda c, k, cfg: WideResNet(int(cfg.get("depth", 28)), int(cfg.get("widen", 10)), c, k, **_norm_args(cfg, c)),
     "resnet20": lambda c, k, cfg: ResNet20(c, k, **_norm_args(cfg, c)),
+    "conv_small": lambda c, k, cfg: ConvSmall(c, k, channels=tuple(cfg.get("channels") or (8, 16)),
+                                              hidden=int(cfg.get("hidden", 100)), image_size=int(cfg.get("_image_size", 28)),
+                                              **_norm_args(cfg, c)),
 }
 
 
@@ -227,4 +257,6 @@ def build_model(cfg: dict[str, Any], num_classes: int, input_shape: Sequence[int
     name = cfg.get("name")
     if name not in BUILDERS:
         raise choices_error("model", name, list(BUILDERS))
+    if name == "conv_small":  # the dense layer's width depends on the image size
+        cfg = {**cfg, "_image_size": int(input_shape[-1])}
     return BUILDERS[name](int(input_shape[0]), int(num_classes), cfg)
