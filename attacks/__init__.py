@@ -1,8 +1,8 @@
 """Evasion attacks (one module per family) and availability poisons (`attacks.poisons`).
 
-Importing this package registers every attack in `attacks.base.REGISTRY`.
+Importing this package registers every attack in `harness.core.attack.REGISTRY`.
 """
-from attacks.base import REGISTRY, Attack, AttackResult, build_attack, register  # noqa: F401
+from harness.core.attack import REGISTRY, Attack, AttackResult, build_attack, register  # noqa: F401
 from attacks import pgd, autoattack  # noqa: F401  (registration side effect)
 
 for _optional in ("lafeat", "mora", "zo_ngd", "zo_baselines", "square", "exact"):

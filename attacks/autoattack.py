@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 
-from attacks.base import Attack, AttackResult, register
-from harness.access import Capability, ModelAccess
-from harness.errors import UserError
-from harness.threat import ThreatModel
+from harness.core.attack import Attack, AttackResult, register
+from harness.core.access import Capability, ModelAccess
+from harness.core.errors import UserError
+from harness.core.threat import ThreatModel
 
 VERSIONS = ("standard", "plus", "rand", "custom")
 COMPONENTS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")

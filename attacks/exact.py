@@ -32,11 +32,11 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from attacks.base import Attack, AttackResult, register
+from harness.core.attack import Attack, AttackResult, register
 from attacks.relu_bounds import Bounds, ReluNet, crown_bounds, extract, input_box
-from harness.access import Capability, CountingModule, ModelAccess
-from harness.errors import UserError
-from harness.threat import ThreatModel
+from harness.core.access import Capability, CountingModule, ModelAccess
+from harness.core.errors import UserError
+from harness.core.threat import ThreatModel
 
 OUTCOMES = ("adversarial", "certified", "unknown")
 # HiGHS statuses that mean "no feasible point has an objective below the cutoff (objective_bound)"

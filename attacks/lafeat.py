@@ -31,13 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attacks.base import Attack, AttackResult, PrepareContext, register
-from harness.access import Capability, FeatureAccess, PassCounter, count_input
-from harness.errors import UserError
-from harness.features import FeatureTap, resolve_layer
-from harness.hashing import stable_hash, tensor_hash
-from harness.threat import ThreatModel
-from harness.training import augment_batch, to_unit
+from harness.core.attack import Attack, AttackResult, PrepareContext, register
+from harness.core.access import Capability, FeatureAccess, PassCounter, count_input
+from harness.core.errors import UserError
+from harness.core.features import FeatureTap, resolve_layer
+from harness.core.hashing import stable_hash, tensor_hash
+from harness.core.threat import ThreatModel
+from harness.data.training import augment_batch, to_unit
 
 HEADS = ("conv", "linear")
 AUGMENTS = ("auto", "reference", "crop_flip", "crop", "none")
@@ -344,7 +344,7 @@ class Lafeat(Attack):
                 cached = True
             else:
                 facts = self._train(tap, head, data, cfg, device, int(ctx.seed), source, ctx)
-                from harness.atomic import atomic_write
+                from harness.core.atomic import atomic_write
 
                 state = {"state_dict": {k: v.cpu() for k, v in head.state_dict().items()}, "facts": facts}
                 atomic_write(path, lambda p: torch.save(state, p))

@@ -31,11 +31,11 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from attacks.base import Attack, AttackResult, register
-from harness.access import Capability, EnsembleAccess
-from harness.ensemble import aggregate, forward_members, proxy_scores, scale_scores, top_margin
-from harness.errors import UserError
-from harness.threat import ThreatModel
+from harness.core.attack import Attack, AttackResult, register
+from harness.core.access import Capability, EnsembleAccess
+from harness.core.ensemble import aggregate, forward_members, proxy_scores, scale_scores, top_margin
+from harness.core.errors import UserError
+from harness.core.threat import ThreatModel
 
 DEFAULT_TAU = {"softmax": 0.2, "voting": 0.8, "logits": 0.0}  # `float_dis` in scripts/evaluation.sh
 DEFAULT_TARGET_SCALE = {"softmax": 0.5, "voting": 0.5, "logits": 0.0}  # `mora_ce_t-5` / `mora_ce_t-0`

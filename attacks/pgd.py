@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import torch
 
-from attacks.base import Attack, AttackResult, register
-from attacks.losses import LOSSES, attack_loss
-from harness.access import Capability, ModelAccess
-from harness.errors import UserError
-from harness.threat import ThreatModel
+from harness.core.attack import Attack, AttackResult, register
+from harness.core.losses import LOSSES, attack_loss
+from harness.core.access import Capability, ModelAccess
+from harness.core.errors import UserError
+from harness.core.threat import ThreatModel
 
 
 def _l2_normalize(g: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from harness.errors import UserError
+from harness.core.errors import UserError
 
 SAFETY = 1e-9  # relative + absolute widening of every bound against float64 rounding
 MAX_NEURONS = 50_000  # per layer: dense float64 matrices beyond this are not a "small network"

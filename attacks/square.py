@@ -22,11 +22,11 @@ from typing import ClassVar
 import torch
 from pyautoattack.square import SquareAttack
 
-from attacks.base import Attack, AttackResult, register
-from harness.access import Capability
-from harness.errors import UserError, choices_error
-from harness.oracle import OUTPUTS, QueryOracle, log_scores
-from harness.threat import ThreatModel
+from harness.core.attack import Attack, AttackResult, register
+from harness.core.access import Capability
+from harness.core.errors import UserError, choices_error
+from harness.core.oracle import OUTPUTS, QueryOracle, log_scores
+from harness.core.threat import ThreatModel
 
 
 class _OracleRouter:

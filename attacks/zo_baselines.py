@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import torch
 
-from attacks.base import register
+from harness.core.attack import register
 from attacks.zo_ngd import ZOAttack, hinge_loss, true_logp, zo_gradient
-from harness.errors import UserError, choices_error
+from harness.core.errors import UserError, choices_error
 
 NES_LOSSES = ("ce", "margin")
 

@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from harness.api import run_eval  # noqa: E402
-from harness.atomic import atomic_write_json, atomic_write_text  # noqa: E402
+from harness.core.atomic import atomic_write_json, atomic_write_text  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 COMMON = ["dataset=mnist5k", "model=mnist_conv_small", "seed=0", "device=cpu"]

@@ -5,7 +5,7 @@ Models (real pretrained, from ../shared/models) on the first N test images of ..
   lenet5      mnist_lenet5 (PGD-trained weights), L-inf 0.3
 Methods: LAFEAT untargeted stage only; LAFEAT with the multi-targeted stage; APGD-CE alone and
 AutoAttack standard, both from the reference implementation (pyautoattack), seeded. Every method's
-model passes are counted by `harness.access` wrappers (images x passes; LAFEAT's head training is
+model passes are counted by `harness.core.access` wrappers (images x passes; LAFEAT's head training is
 counted separately); every adversarial example is re-verified here (ball, box, own forward pass).
 
 The LAFEAT heads are trained on the first `--head-n` images (default 1,000: the benchmark's
@@ -34,13 +34,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import attacks  # noqa: E402,F401  (registers lafeat)
-from attacks.base import PrepareContext, build_attack  # noqa: E402
-from harness.access import CountingModule, PassCounter  # noqa: E402
-from harness.classifier import Classifier  # noqa: E402
-from harness.features import make_feature_access  # noqa: E402
-from harness.hashing import module_hash  # noqa: E402
-from harness.threat import ThreatModel  # noqa: E402
-from harness.training import to_unit  # noqa: E402
+from harness.core.attack import PrepareContext, build_attack  # noqa: E402
+from harness.core.access import CountingModule, PassCounter  # noqa: E402
+from harness.core.classifier import Classifier  # noqa: E402
+from harness.core.features import make_feature_access  # noqa: E402
+from harness.core.hashing import module_hash  # noqa: E402
+from harness.core.threat import ThreatModel  # noqa: E402
+from harness.data.training import to_unit  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 RESULTS = ROOT / "bench" / "results"

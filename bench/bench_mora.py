@@ -15,7 +15,7 @@ for each ensemble and each mode (softmax, voting, logits), on the first N test i
 Gradient attacks on a voting ensemble differentiate the sharpened-softmax proxy; every method's
 success is judged here by the true rule (hard votes for voting), inside the ball and the box.
 Cost: backward image-passes through the ensemble (gradient evaluations) and forward passes, counted
-by harness.access wrappers; MORA's member passes are counted as ensemble-equivalent passes (all M
+by harness.core.access wrappers; MORA's member passes are counted as ensemble-equivalent passes (all M
 members at once = 1), the unit APGD and AutoAttack are counted in.
 
     python bench/bench_mora.py                    # n=60, eps=0.2, every ensemble, every mode
@@ -42,13 +42,13 @@ import defenses  # noqa: E402,F401
 from _common import machine, write_results  # noqa: E402
 from attacks.autoattack import AutoAttackRef  # noqa: E402
 from attacks.mora import MORA  # noqa: E402
-from defenses.base import BuildContext, build_defense  # noqa: E402
-from harness.access import CountingModule, ModelAccess, PassCounter  # noqa: E402
-from harness.classifier import Classifier  # noqa: E402
-from harness.datasets import load_dataset  # noqa: E402
-from harness.ensemble import make_classifier, make_ensemble_access  # noqa: E402
-from harness.threat import ThreatModel  # noqa: E402
-from harness.training import to_unit  # noqa: E402
+from harness.core.defense import BuildContext, build_defense  # noqa: E402
+from harness.core.access import CountingModule, ModelAccess, PassCounter  # noqa: E402
+from harness.core.classifier import Classifier  # noqa: E402
+from harness.data.datasets import load_dataset  # noqa: E402
+from harness.core.ensemble import make_classifier, make_ensemble_access  # noqa: E402
+from harness.core.threat import ThreatModel  # noqa: E402
+from harness.data.training import to_unit  # noqa: E402
 
 DEFENSES = ("ensemble", "adp", "gal", "dverge", "trs")
 MODES = ("softmax", "voting", "logits")

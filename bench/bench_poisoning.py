@@ -64,8 +64,8 @@ def run_cells(args: argparse.Namespace, seeds: list[int]) -> None:
     """Run (or skip, when stored) every (seed, poison, defense) cell in this process."""
     from hydra import compose, initialize_config_dir
 
-    from harness.hydra_app import CONF_DIR, to_plain
-    from harness.poisoning import run_poison
+    from harness.cli.hydra_app import CONF_DIR, to_plain
+    from harness.poisoning.run import run_poison
 
     start = time.perf_counter()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
 
-    from harness.poison_board import build_table, matrix, matrix_markdown
+    from harness.poisoning.board import build_table, matrix, matrix_markdown
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     poisons, defenses = [parse_poison(p)[0] for p in args.poisons.split(";")], args.defenses.split(",")
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                   & (board["n_train"] == args.train_n) & (board["n_test"] == args.test_n) & (board["epochs"] == args.epochs)]
     board = board.reset_index(drop=True)
     if args.leaderboard is not None:
-        from harness.leaderboard import write_csv
+        from harness.evasion.board import write_csv
 
         write_csv(board, args.leaderboard)
     final = matrix(board, "final_acc")

@@ -32,10 +32,10 @@ def train_weights(path: Path, train_n: int, seed: int = 0) -> dict:
     """One epoch of plain training of small_cnn on the first `train_n` Fashion-MNIST training images."""
     import torch
 
-    from harness.datasets import load_dataset
-    from harness.hashing import file_sha256
-    from harness.models import build_model
-    from harness.training import TrainConfig, accuracy, train
+    from harness.data.datasets import load_dataset
+    from harness.core.hashing import file_sha256
+    from harness.data.models import build_model
+    from harness.data.training import TrainConfig, accuracy, train
 
     data = load_dataset({"name": "fashion_mnist"})
     torch.manual_seed(seed)
@@ -60,7 +60,7 @@ def build_npz(path: Path) -> dict:
     """
     import numpy as np
 
-    from harness.datasets import load_dataset
+    from harness.data.datasets import load_dataset
 
     data = load_dataset({"name": "fashion_mnist"})
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -33,11 +33,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from attacks.base import build_attack  # noqa: E402
-from harness.access import CountingModule, PassCounter  # noqa: E402
-from harness.atomic import atomic_write_json, atomic_write_text  # noqa: E402
-from harness.oracle import QueryOracle, query_summary  # noqa: E402
-from harness.threat import ThreatModel  # noqa: E402
+from harness.core.attack import build_attack  # noqa: E402
+from harness.core.access import CountingModule, PassCounter  # noqa: E402
+from harness.core.atomic import atomic_write_json, atomic_write_text  # noqa: E402
+from harness.core.oracle import QueryOracle, query_summary  # noqa: E402
+from harness.core.threat import ThreatModel  # noqa: E402
 
 SHARED = REPO.parent / "shared"
 RESULTS = REPO / "bench" / "results"

@@ -38,12 +38,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import attacks.zo_ngd as zo_ngd_module  # noqa: E402
-from attacks.base import build_attack  # noqa: E402
+from harness.core.attack import build_attack  # noqa: E402
 from attacks.zo_ngd import damped_solve, hinge_loss, zo_gradient  # noqa: E402
 from bench._common import load_shared_model, require_shared  # noqa: E402
-from harness.atomic import atomic_write_json, atomic_write_text  # noqa: E402
-from harness.oracle import QueryOracle, log_scores  # noqa: E402
-from harness.threat import ThreatModel  # noqa: E402
+from harness.core.atomic import atomic_write_json, atomic_write_text  # noqa: E402
+from harness.core.oracle import QueryOracle, log_scores  # noqa: E402
+from harness.core.threat import ThreatModel  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 REF_NGD = dict(name="zo_ngd", q=40, mu=1.0, eta=4e-4, lam=5e-6, fisher="two_class", iterations=100)

@@ -1,8 +1,8 @@
-"""Defenses: one module per defense; each builds a `harness.classifier.Classifier`.
+"""Defenses: one module per defense; each builds a `harness.core.classifier.Classifier`.
 
-Importing this package registers every defense in `defenses.base.REGISTRY`.
+Importing this package registers every defense in `harness.core.defense.REGISTRY`.
 """
-from defenses.base import REGISTRY, BuildContext, Defense, build_defense, register  # noqa: F401
+from harness.core.defense import REGISTRY, BuildContext, Defense, build_defense, register  # noqa: F401
 from defenses import standard, checkpoint  # noqa: F401  (registration side effect)
 
 for _optional in ("gradreg", "pgd_at", "advms", "ensembles", "ueraser", "iss", "augment_baselines"):

@@ -11,7 +11,7 @@ runs in train mode. This is what the TRADES reference does; Madry et al.'s MNIST
 no BatchNorm, so it is the only choice that keeps BN statistics those of the training inputs.
 Gradients are taken with `torch.autograd.grad` with respect to the input only, so no parameter
 gradient accumulates. Randomness (the random start) comes from the global torch RNG on the
-input's device, which `harness.training.train` seeds. No host synchronisation.
+input's device, which `harness.data.training.train` seeds. No host synchronisation.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.threat import ThreatModel
+from harness.core.threat import ThreatModel
 
 
 def _l2_normalize(g: torch.Tensor) -> torch.Tensor:

@@ -30,13 +30,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from defenses.base import BuildContext, Defense, register
+from harness.core.defense import BuildContext, Defense, register
 from defenses.pgd_at import add_input_gradient_passes, at_loss, check_at_params, seeded_model
 from defenses.standard import train_defended
 from defenses.switching import MODES, Chain, ExpectedModel, FixedPaths, RandomSwitching, split_model
-from harness.classifier import Classifier
-from harness.errors import UserError
-from harness.training import TrainConfig
+from harness.core.classifier import Classifier
+from harness.core.errors import UserError
+from harness.data.training import TrainConfig
 
 
 class _Frozen(nn.Module):

@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defenses.base import BuildContext, Defense, register
+from harness.core.defense import BuildContext, Defense, register
 from defenses.standard import train_defended
-from harness.classifier import Classifier
-from harness.errors import UserError
-from harness.training import LossFn, TrainConfig
+from harness.core.classifier import Classifier
+from harness.core.errors import UserError
+from harness.data.training import LossFn, TrainConfig
 
 
 def box_masks(n: int, h: int, w: int, box_h: torch.Tensor, box_w: torch.Tensor,

@@ -13,12 +13,12 @@ from typing import Any
 
 from torch import nn
 
-from defenses.base import BuildContext, Defense, register
-from harness.checkpoints import load_into
-from harness.classifier import Classifier
-from harness.errors import UserError
-from harness.hashing import file_sha256
-from harness.models import build_model
+from harness.core.defense import BuildContext, Defense, register
+from harness.data.weights import load_into
+from harness.core.classifier import Classifier
+from harness.core.errors import UserError
+from harness.core.hashing import file_sha256
+from harness.data.models import build_model
 
 
 def import_model_file(path: Path) -> Any:
@@ -65,7 +65,7 @@ class Checkpoint(Defense):
         elif not self.model_file:
             raise UserError("defense=checkpoint needs defense.weights=FILE (and optionally defense.model_file=FILE.py)")
         info["parameters"] = sum(p.numel() for p in module.parameters())
-        from harness.ensemble import Ensemble, make_classifier
+        from harness.core.ensemble import Ensemble, make_classifier
 
         if isinstance(module, Ensemble):  # voting ensembles need their differentiable proxy
             return make_classifier(module, module.mode, ctx.data.num_classes, ctx.data.input_shape,

@@ -16,7 +16,7 @@ Registered names (config `defense=<name>`):
   half-PGD-perturbed batch (`plus_adv`).
 - ``ensemble_checkpoint``: members assembled from given model files and weights.
 
-Every trainer goes through `harness.training.train` with its loss hook on one `Ensemble`
+Every trainer goes through `harness.data.training.train` with its loss hook on one `Ensemble`
 container (one optimiser over all members; optimisers such as SGD and Adam act per parameter, so
 this equals the references' per-member optimisers), and is cached by
 `defenses.standard.train_defended` under the hash of the weight-determining parameters (the
@@ -32,14 +32,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defenses.base import BuildContext, Defense, register
-from harness.access import CountingModule, count_input
-from harness.classifier import Classifier
-from harness.ensemble import MODES, TIE_BREAKS, Ensemble, make_classifier
-from harness.errors import UserError
-from harness.hashing import stable_hash
-from harness.models import build_model
-from harness.training import TrainConfig
+from harness.core.defense import BuildContext, Defense, register
+from harness.core.access import CountingModule, count_input
+from harness.core.classifier import Classifier
+from harness.core.ensemble import MODES, TIE_BREAKS, Ensemble, make_classifier
+from harness.core.errors import UserError
+from harness.core.hashing import stable_hash
+from harness.data.models import build_model
+from harness.data.training import TrainConfig
 
 # Fields that only choose how the trained members are aggregated: not part of the weights' key.
 AGGREGATION_FIELDS = ("mode", "tie_break", "vote_sharpness")
@@ -181,7 +181,7 @@ class EnsembleDefense(Defense):
         return {k: v for k, v in super().describe().items() if k not in AGGREGATION_FIELDS}
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, epoch: int) -> torch.Tensor:
-        """The training loss (a `harness.training.LossFn`); `model` wraps the Ensemble container."""
+        """The training loss (a `harness.data.training.LossFn`); `model` wraps the Ensemble container."""
         return member_ce(member_logits(model, x), y)
 
     def build_members(self, ctx: BuildContext) -> list[nn.Module]:
@@ -373,8 +373,8 @@ class EnsembleCheckpoint(Defense):
 
     def build(self, ctx: BuildContext) -> Classifier:
         from defenses.checkpoint import import_model_file
-        from harness.checkpoints import load_into
-        from harness.hashing import file_sha256
+        from harness.data.weights import load_into
+        from harness.core.hashing import file_sha256
 
         if not self.members:
             raise UserError(

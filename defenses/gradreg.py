@@ -32,12 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defenses.base import BuildContext, Defense, register
+from harness.core.defense import BuildContext, Defense, register
 from defenses.pgd_at import add_input_gradient_passes, seeded_model
 from defenses.standard import train_defended
-from harness.classifier import Classifier
-from harness.errors import UserError
-from harness.training import LossFn, TrainConfig
+from harness.core.classifier import Classifier
+from harness.core.errors import UserError
+from harness.data.training import LossFn, TrainConfig
 
 VARIANTS = ("plain", "scale_invariant")
 PENALTY_FORWARDS = ("auto", "shared", "eval")
@@ -81,7 +81,7 @@ def _has_batchnorm(model: nn.Module) -> bool:
 
 
 def gradreg_loss(*, lam: float, p: float, r: float, variant: str, margin_c: float, penalty_forward: str) -> LossFn:
-    """CE + lam * mean per-sample penalty, as a `harness.training.LossFn`."""
+    """CE + lam * mean per-sample penalty, as a `harness.data.training.LossFn`."""
 
     def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epoch: int) -> torch.Tensor:
         separate = penalty_forward == "eval" or (penalty_forward == "auto" and _has_batchnorm(model))

@@ -23,11 +23,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from defenses.base import BuildContext, Defense, register
+from harness.core.defense import BuildContext, Defense, register
 from defenses.standard import train_defended
-from harness.classifier import Classifier
-from harness.errors import UserError
-from harness.training import TrainConfig
+from harness.core.classifier import Classifier
+from harness.core.errors import UserError
+from harness.data.training import TrainConfig
 
 
 def jpeg_u8(x: torch.Tensor, quality: int, chunk: int = 4096) -> torch.Tensor:

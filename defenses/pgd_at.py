@@ -20,20 +20,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from defenses.adv_examples import pgd_examples, trades_examples
-from defenses.base import BuildContext, Defense, register
+from harness.core.defense import BuildContext, Defense, register
 from defenses.standard import train_defended
-from harness.classifier import Classifier
-from harness.errors import UserError
-from harness.models import build_model
-from harness.threat import ThreatModel
-from harness.training import LossFn, TrainConfig
+from harness.core.classifier import Classifier
+from harness.core.errors import UserError
+from harness.data.models import build_model
+from harness.core.threat import ThreatModel
+from harness.data.training import LossFn, TrainConfig
 
 METHODS = ("madry", "trades")
 
 
 def at_loss(threat: ThreatModel, *, steps: int, step_size: float, random_start: bool = True,
             method: str = "madry", beta: float = 6.0) -> LossFn:
-    """The training loss of Madry PGD-AT or TRADES, as a `harness.training.LossFn`."""
+    """The training loss of Madry PGD-AT or TRADES, as a `harness.data.training.LossFn`."""
 
     def madry(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epoch: int) -> torch.Tensor:
         x_adv = pgd_examples(model, x, y, threat, steps=steps, step_size=step_size, random_start=random_start)
@@ -56,7 +56,7 @@ def seeded_model(ctx: BuildContext, seed: int) -> nn.Module:
 
 
 def add_input_gradient_passes(facts: dict[str, Any], per_image_per_epoch: int, extra_param_backward: int = 0) -> dict[str, Any]:
-    """Count the inner attack's backward passes, which `harness.training.train` does not see.
+    """Count the inner attack's backward passes, which `harness.data.training.train` does not see.
 
     `train` counts every forward image-pass (the PGD steps go through its counted model) but only
     one parameter-backward pass per training image. Here `backward_passes` becomes the total:

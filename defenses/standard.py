@@ -12,12 +12,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from defenses.base import BuildContext, Defense, register
-from harness.checkpoints import cached_training
-from harness.classifier import Classifier
-from harness.hashing import stable_hash
-from harness.models import build_model
-from harness.training import LossFn, TrainConfig, ce_loss, train
+from harness.core.defense import BuildContext, Defense, register
+from harness.data.weights import cached_training
+from harness.core.classifier import Classifier
+from harness.core.hashing import stable_hash
+from harness.data.models import build_model
+from harness.data.training import LossFn, TrainConfig, ce_loss, train
 
 
 def train_defended(
@@ -31,7 +31,7 @@ def train_defended(
     """Build (or take) the model, train it with `loss_fn` on ctx.data's train split, cache it."""
     data = ctx.data
     if data.train_x is None:
-        from harness.errors import UserError
+        from harness.core.errors import UserError
 
         raise UserError(
             f"defense {defense.name!r} trains a model but dataset {data.name!r} has no training split; "

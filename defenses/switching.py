@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.errors import UserError
+from harness.core.errors import UserError
 
 MODES = ("batch", "sample")
 
@@ -68,7 +68,7 @@ def _maybe_pool(h: torch.Tensor) -> torch.Tensor:
     return F.max_pool2d(h, 2) if h.shape[-1] >= 16 else h
 
 
-# Stage lists replicate each architecture's forward in `harness.models` exactly (a test checks the
+# Stage lists replicate each architecture's forward in `harness.data.models` exactly (a test checks the
 # composition against the model). Each stage: (submodule names, function).
 def _small_cnn_stages() -> list[tuple[list[str], StageFn]]:
     def conv1(p: Piece, x: torch.Tensor) -> torch.Tensor:
@@ -132,7 +132,7 @@ SPLITS: dict[str, tuple[Callable[[nn.Module], list[tuple[list[str], StageFn]]], 
 
 
 def split_model(model: nn.Module, arch: str, blocks: int) -> list[nn.Module]:
-    """Cut `model` (built by `harness.models.build_model` for architecture `arch`) into `blocks` pieces.
+    """Cut `model` (built by `harness.data.models.build_model` for architecture `arch`) into `blocks` pieces.
 
     `blocks == 1` works for any model (the model itself is the single block). The pieces share
     the model's submodules; composing them in order reproduces `model(x)` exactly.

@@ -20,7 +20,7 @@ the identity on grey images) and TrivialAugment. Plasma probability 1.0 as in AP
 `ueraser.py` uses 0.5). `policy: jpeg` is APBench's variant for AR/TAP poisons: a random JPEG of
 quality uniform in [10, 100) first (kornia's differentiable codec, per image, on the device; grey
 images are coded as R=G=B), then the same ops with plasma p = 0.8. kornia draws from the global
-torch RNG, which `harness.training.train` seeds, so a run is deterministic for a seed and device;
+torch RNG, which `harness.data.training.train` seeds, so a run is deterministic for a seed and device;
 the kornia version joins the checkpoint key (it changes what TrivialAugment samples).
 """
 from __future__ import annotations
@@ -31,11 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defenses.base import BuildContext, Defense, register
+from harness.core.defense import BuildContext, Defense, register
 from defenses.standard import train_defended
-from harness.classifier import Classifier
-from harness.errors import UserError
-from harness.training import TrainConfig
+from harness.core.classifier import Classifier
+from harness.core.errors import UserError
+from harness.data.training import TrainConfig
 
 POLICIES = ("default", "jpeg")
 

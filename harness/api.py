@@ -6,7 +6,7 @@ from typing import Any
 
 from hydra import compose, initialize_config_dir
 
-from harness.hydra_app import CONF_DIR, to_plain, validate_overrides
+from harness.cli.hydra_app import CONF_DIR, to_plain, validate_overrides
 
 
 def compose_config(overrides: list[str], config_name: str = "eval") -> dict[str, Any]:
@@ -20,8 +20,8 @@ def run_eval(overrides: list[str], work_dir: Path | str, update_board: bool = Fa
     """Run `arena eval` in-process with `work_dir=...` and return the summary (+ `run_dir`)."""
     import attacks  # noqa: F401
     import defenses  # noqa: F401
-    from harness import leaderboard
-    from harness.evaluate import run_evaluation
+    from harness.evasion import board as leaderboard
+    from harness.evasion.run import run_evaluation
 
     overrides = [*overrides, f"work_dir={work_dir}", "progress=false"]
     cfg = compose_config(overrides)

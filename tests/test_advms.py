@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from defenses.advms import AdvMS
-from defenses.base import BuildContext, build_defense
+from harness.core.defense import BuildContext, build_defense
 from defenses.switching import ExpectedModel, FixedPaths, RandomSwitching, split_model
-from harness.access import ModelAccess, PassCounter
-from harness.datasets import load_dataset
-from harness.errors import UserError
-from harness.models import build_model
+from harness.core.access import ModelAccess, PassCounter
+from harness.data.datasets import load_dataset
+from harness.core.errors import UserError
+from harness.data.models import build_model
 
 
 @pytest.fixture(scope="module")
@@ -271,7 +271,7 @@ def test_advms_rejects_bad_configs():
 
 
 def test_randomized_suite_config_holds_the_four_attacks():
-    from attacks.base import build_attack
+    from harness.core.attack import build_attack
     from harness.api import compose_config
 
     cfg = compose_config(["suite=randomized", "defense=advms"])

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from harness.cli import main
-from harness.models import build_model
+from harness.cli.dispatch import main
+from harness.data.models import build_model
 
 Setup = Callable[[Path], list[str]]
 FAST = ["dataset=digits", "n_samples=20", "defense.train.epochs=1", "progress=false"]
@@ -193,7 +193,7 @@ CASES: list[tuple[str, Setup, str]] = [
     ("html without an output", cmd("board", "html", "--csv", "{f}", files={"f": OK_CSV}),
      B + "arena board html needs an output file: arena board html OUT.html"),
     ("unknown command", cmd("frobnicate"), "arena: error: unknown command 'frobnicate'; choose one of: eval, poison, board, layers, submit"),
-    # --- bundles (harness/bundle.py, harness/submit.py) ------------------------------------------------
+    # --- bundles (harness/submit/bundle.py, harness/submit/score.py) ------------------------------------------------
     ("bundle is not a directory", cmd("submit", "{tmp}/nobundle"),
      S + "bundle '{tmp}/nobundle' is not a directory; give the directory that holds defense.yaml"),
     ("bundle without a card", cmd("submit", "{f}", files={"f": bundle("empty", None)}),

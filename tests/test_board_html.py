@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from harness.board_html import expand_cascade, write_html
+from harness.results.html import expand_cascade, write_html
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "chrome")
 
@@ -25,7 +25,7 @@ BROWSERS = ("chromium", "chromium-browser", "google-chrome", "chrome")
 @pytest.fixture(scope="module")
 def board(tmp_path_factory) -> tuple[pd.DataFrame, Path]:
     """A leaderboard CSV built from four real runs; returns (table as read back, work dir)."""
-    from harness import leaderboard
+    from harness.evasion import board as leaderboard
     from harness.api import run_eval
 
     work = tmp_path_factory.mktemp("arena-work")
@@ -107,8 +107,8 @@ def test_expand_cascade_gives_numeric_per_attack_columns(board):
 
 
 def test_cli_writes_the_page_and_plots(board, tmp_path):
-    from harness.cli import main
-    from harness.plots import write_plots
+    from harness.cli.dispatch import main
+    from harness.results.plots import write_plots
 
     df, work = board
     out = tmp_path / "board.html"

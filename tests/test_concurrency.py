@@ -16,10 +16,11 @@ import torch
 
 import attacks  # noqa: F401  (imported before forking, so the children start warm)
 import defenses  # noqa: F401
-import harness.eval_cli  # noqa: F401
+import harness.cli.eval  # noqa: F401
 import sklearn.datasets  # noqa: F401
-from harness import cli, leaderboard
-from harness.leaderboard import COLUMNS
+from harness.cli import dispatch as cli
+from harness.evasion import board as leaderboard
+from harness.evasion.board import COLUMNS
 
 BASE = ["dataset=digits", "n_samples=20", "batch_size=10", "defense.train.epochs=1", "attack=pgd", "attack.steps=5",
         "progress=false"]

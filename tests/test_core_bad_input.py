@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from harness.cli import main
+from harness.cli.dispatch import main
 
 FAST = ["dataset=digits", "n_samples=20", "defense.train.epochs=1"]
 
@@ -97,7 +97,7 @@ def test_undeclared_randomness(tmp_path, capsys):
     ("pickle", "arbitrary Python objects"),
 ])
 def test_bad_checkpoints(tmp_path, capsys, kind, needle):
-    from harness.models import build_model
+    from harness.data.models import build_model
 
     path = tmp_path / "w.pt"
     good = build_model({"name": "small_cnn"}, 10, (1, 8, 8)).state_dict()

@@ -7,9 +7,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from harness import leaderboard
+from harness.evasion import board as leaderboard
 from harness.api import run_eval
-from harness.cli import main
+from harness.cli.dispatch import main
 
 RUNS = [["dataset=digits", "n_samples=60", "batch_size=30", "defense.train.epochs=2", "threat.eps=0.1"],
         ["dataset=digits", "n_samples=60", "batch_size=30", "defense.train.epochs=2", "threat.eps=0.2"]]

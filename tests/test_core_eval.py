@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from harness.api import run_eval
-from harness.store import RunDir
+from harness.results.store import RunDir
 
 DIGITS = ["dataset=digits", "n_samples=120", "batch_size=50", "defense.train.epochs=3"]
 

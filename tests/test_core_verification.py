@@ -4,8 +4,8 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
-from attacks.base import REGISTRY, Attack, AttackResult, register
-from harness.access import Capability
+from harness.core.attack import REGISTRY, Attack, AttackResult, register
+from harness.core.access import Capability
 from harness.api import run_eval
 
 

@@ -1,4 +1,4 @@
-"""Ensembles as first-class models (harness.ensemble) and the ensemble defenses (defenses.ensembles).
+"""Ensembles as first-class models (harness.core.ensemble) and the ensemble defenses (defenses.ensembles).
 
 Aggregation rules and their tie rule on constructed member outputs; counted member access; and a
 real epoch of every trainer on scikit-learn's digits, each diversity term compared with independent
@@ -13,15 +13,15 @@ import torch
 from torch import nn
 
 import defenses  # noqa: F401  (registers the defenses)
-from defenses.base import BuildContext, build_defense
+from harness.core.defense import BuildContext, build_defense
 from defenses.ensembles import cross_distilled_accuracy, diversity_summary
-from harness.access import PassCounter
-from harness.contract import check_classifier
-from harness.datasets import load_dataset
-from harness.ensemble import Ensemble, forward_members, make_classifier, make_ensemble_access
-from harness.errors import UserError
-from harness.classifier import Classifier
-from harness.training import to_unit
+from harness.core.access import PassCounter
+from harness.core.contract import check_classifier
+from harness.data.datasets import load_dataset
+from harness.core.ensemble import Ensemble, forward_members, make_classifier, make_ensemble_access
+from harness.core.errors import UserError
+from harness.core.classifier import Classifier
+from harness.data.training import to_unit
 
 CPU = torch.device("cpu")
 MODEL = {"name": "small_cnn", "width": 16, "hidden": 32}

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from attacks.relu_bounds import crown_bounds, extract, input_box, interval_bounds
-from harness.errors import UserError
-from harness.models import build_model
+from harness.core.errors import UserError
+from harness.data.models import build_model
 
 pytest.importorskip("highspy")
 
@@ -103,9 +103,9 @@ def test_unsupported_networks_are_one_line_user_errors(model, what):
 
 
 def test_exact_refuses_l2_and_randomised_access():
-    from attacks.base import build_attack
-    from harness.access import ModelAccess, PassCounter
-    from harness.threat import ThreatModel
+    from harness.core.attack import build_attack
+    from harness.core.access import ModelAccess, PassCounter
+    from harness.core.threat import ThreatModel
 
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval()
     x, y = torch.rand(2, 1, 8, 8), torch.tensor([0, 1])

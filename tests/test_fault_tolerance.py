@@ -1,7 +1,7 @@
 """Fault injection: SIGKILL a real `arena eval -m` sweep at >= 10 random points, rerun it, and get
 exactly the leaderboard and per-sample records of an uninterrupted sweep.
 
-Each attempt runs the CLI (`harness.cli.main`, the same code path as the `arena` command) in a
+Each attempt runs the CLI (`harness.cli.dispatch`, the same code path as the `arena` command) in a
 forked process that is killed with SIGKILL at one point drawn at random: the n-th optimiser step
 (during training), the n-th model call of an attack, the n-th atomic write of a result file (after
 part of the bytes are written, before the rename), the n-th leaderboard build (inside the lock,
@@ -25,18 +25,18 @@ import pandas as pd
 import pytest
 import torch
 
-import harness.access
-import harness.atomic
-import harness.checkpoints
-import harness.evaluate
-import harness.leaderboard
-import harness.store
-from harness import cli
-from harness.leaderboard import COLUMNS
+import harness.core.access
+import harness.core.atomic
+import harness.data.weights
+import harness.evasion.run
+import harness.evasion.board
+import harness.results.store
+from harness.cli import dispatch as cli
+from harness.evasion.board import COLUMNS
 
 import attacks  # noqa: F401,E402  (imported once here, so the forked children start warm)
 import defenses  # noqa: F401,E402
-import harness.eval_cli  # noqa: F401,E402
+import harness.cli.eval  # noqa: F401,E402
 import sklearn.datasets  # noqa: F401,E402
 
 SWEEP = ["-m", "dataset=digits", "n_samples=60", "batch_size=10", "defense.train.epochs=2", "attack=pgd",
@@ -69,7 +69,7 @@ def kill_in_attack(n: int) -> None:
     through CountingModule; training's counted calls happen outside it)."""
     inside = [False]
     calls = [0]
-    forward, evaluate_batch = harness.access.CountingModule.forward, harness.evaluate.evaluate_batch
+    forward, evaluate_batch = harness.core.access.CountingModule.forward, harness.evasion.run.evaluate_batch
 
     def counted(self, x):
         if inside[0]:
@@ -85,15 +85,15 @@ def kill_in_attack(n: int) -> None:
         finally:
             inside[0] = False
 
-    harness.access.CountingModule.forward = counted
-    harness.evaluate.evaluate_batch = batch
+    harness.core.access.CountingModule.forward = counted
+    harness.evasion.run.evaluate_batch = batch
 
 
 def kill_mid_write(n: int, only: str) -> None:
     """The n-th atomic write whose path contains `only`: write the bytes, cut them in half, SIGKILL
     before fsync and rename (what a kill during a large write leaves behind)."""
     calls = [0]
-    for module in (harness.atomic, harness.store, harness.leaderboard, harness.checkpoints):
+    for module in (harness.core.atomic, harness.results.store, harness.evasion.board, harness.data.weights):
         original = module.atomic_write
 
         def patched(path, write, _original=original):
@@ -121,7 +121,7 @@ def install(site: str, n: int) -> None:
         kill_mid_write(n, only=os.sep + "runs" + os.sep)
     elif site == "board":
         if n % 2:
-            kill_on_call(harness.leaderboard, "build_table", n // 2 + 1)
+            kill_on_call(harness.evasion.board, "build_table", n // 2 + 1)
         else:
             kill_mid_write(n // 2, only="evasion.csv")
 

@@ -22,10 +22,10 @@ from hypothesis import strategies as st
 
 import attacks  # noqa: F401  (registers attacks)
 import defenses  # noqa: F401  (registers defenses)
-from harness.cli import main
-from harness.errors import UserError
-from harness.evaluate import plan_evaluation
-from harness.hydra_app import CONF_DIR, group_options, to_plain, validate_overrides
+from harness.cli.dispatch import main
+from harness.core.errors import UserError
+from harness.evasion.plan import plan_evaluation
+from harness.cli.hydra_app import CONF_DIR, group_options, to_plain, validate_overrides
 
 EXAMPLES = int(os.environ.get("ARENA_FUZZ_EXAMPLES", "60"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=not os.environ.get("ARENA_FUZZ_RANDOM"),

@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defenses.base import BuildContext
+from harness.core.defense import BuildContext
 from defenses.gradreg import GradReg, gradreg_loss, gradreg_penalty, margin_and_input_gradient
 from defenses.standard import Standard
-from harness.access import CountingModule, PassCounter
-from harness.datasets import load_dataset
-from harness.errors import UserError
+from harness.core.access import CountingModule, PassCounter
+from harness.data.datasets import load_dataset
+from harness.core.errors import UserError
 
 
 def _tiny() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:

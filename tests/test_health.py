@@ -16,13 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attacks.base import Attack, AttackResult, register
-from harness.access import Capability
-from harness.classifier import Classifier
-from harness.health import (STATUSES, HealthConfig, build_surrogate, check_determinism, check_inference_optimisation,
+from harness.core.attack import Attack, AttackResult, register
+from harness.core.access import Capability
+from harness.core.classifier import Classifier
+from harness.health.report import (STATUSES, HealthConfig, build_surrogate, check_determinism, check_inference_optimisation,
                             check_probability_outputs, extra_success_status, mark_summary, run_health, suite_checks,
                             write_report)
-from harness.threat import ThreatModel
+from harness.core.threat import ThreatModel
 
 THREAT = ThreatModel("Linf", 0.3)
 CFG = HealthConfig(n_samples=60, steps=10, eps_factors=(0.5, 1.0, 2.0), noise_draws=10, square_budget=200, surrogate_epochs=2)
@@ -31,9 +31,9 @@ CFG = HealthConfig(n_samples=60, steps=10, eps_factors=(0.5, 1.0, 2.0), noise_dr
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """(trained CNN, eval x in [0,1], y, ids, surrogate classifier)."""
-    from harness.datasets import load_dataset
-    from harness.models import SmallCNN
-    from harness.training import TrainConfig, accuracy, to_unit, train
+    from harness.data.datasets import load_dataset
+    from harness.data.models import SmallCNN
+    from harness.data.training import TrainConfig, accuracy, to_unit, train
 
     data = load_dataset({"name": "digits"})
     torch.manual_seed(0)  # the initial weights too: the same model on every run
@@ -189,8 +189,8 @@ class OutsideBall(Attack):
 
 def test_norm_box_validity_from_real_records(tmp_path):
     from harness.api import compose_config
-    from harness.evaluate import run_evaluation
-    from harness.store import RunDir
+    from harness.evasion.run import run_evaluation
+    from harness.results.store import RunDir
 
     base = ["dataset=digits", "model=small_cnn", "model.width=8", "model.hidden=32", "defense.train.epochs=1", "n_samples=40",
             f"work_dir={tmp_path}", "progress=false", "threat.eps=0.3"]
@@ -210,7 +210,7 @@ def test_norm_box_validity_from_real_records(tmp_path):
     assert rogue.evidence["per_attack"] == {"test_outside_ball": attacked} and rogue.evidence["violating_ids"]
     assert reports["pgd"][0].status == "pass" and reports["pgd"][0].evidence["examples_checked"] > 0
     # the report is stored with the run and the summary gains the flag (other keys kept)
-    from harness.health import HealthReport
+    from harness.health.report import HealthReport
 
     report = HealthReport(THREAT.name, 40, [], [rogue])
     write_report(run_dir, report)

@@ -16,17 +16,17 @@ import yaml
 from torch import nn
 
 import attacks  # noqa: F401  (registers lafeat)
-from attacks.base import PrepareContext, build_attack
+from harness.core.attack import PrepareContext, build_attack
 from attacks.lafeat import REFERENCE_BETAS, Lafeat, merge_stage_curves
-from harness.access import CountingModule, ModelAccess, PassCounter
-from harness.classifier import Classifier
-from harness.datasets import load_dataset
-from harness.errors import UserError
-from harness.features import FeatureTap, default_layer, list_layers, make_feature_access
-from harness.hashing import module_hash
-from harness.models import BUILDERS, build_model
-from harness.threat import ThreatModel
-from harness.training import to_unit
+from harness.core.access import CountingModule, ModelAccess, PassCounter
+from harness.core.classifier import Classifier
+from harness.data.datasets import load_dataset
+from harness.core.errors import UserError
+from harness.core.features import FeatureTap, default_layer, list_layers, make_feature_access
+from harness.core.hashing import module_hash
+from harness.data.models import BUILDERS, build_model
+from harness.core.threat import ThreatModel
+from harness.data.training import to_unit
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -45,7 +45,7 @@ def mnist():
 def default_model(mnist, session_work):
     """small_cnn trained on mnist5k with the repository's defense=standard recipe (cached)."""
     import defenses  # noqa: F401
-    from defenses.base import BuildContext, build_defense
+    from harness.core.defense import BuildContext, build_defense
 
     torch.manual_seed(0)
     defense = build_defense(_yaml("defense", "standard.yaml"))
@@ -154,7 +154,7 @@ def test_bad_layer_name_is_a_one_line_user_error_listing_valid_names():
 
 
 def test_layers_cli_lists_layers_and_marks_default(tmp_path, capsys):
-    from harness.layers_cli import main
+    from harness.cli.layers import main
 
     assert main(["model=small_cnn", "dataset=mnist5k"]) == 0
     out = capsys.readouterr().out

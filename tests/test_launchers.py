@@ -19,11 +19,11 @@ from hydra import compose, initialize_config_dir
 
 import attacks  # noqa: F401  (imported before forking)
 import defenses  # noqa: F401
-import harness.eval_cli  # noqa: F401
-from harness import cli
+import harness.cli.eval  # noqa: F401
+from harness.cli import dispatch as cli
 from harness.api import run_eval
-from harness.hydra_app import CONF_DIR
-from harness.launchers import gpu_for_job
+from harness.cli.hydra_app import CONF_DIR
+from harness.core.device import gpu_for_job
 
 BASE = ["dataset=digits", "n_samples=30", "batch_size=10", "defense.train.epochs=1", "attack=pgd", "attack.steps=5",
         "progress=false"]

@@ -14,15 +14,15 @@ from torch import nn
 import attacks  # noqa: F401  (registers the attacks)
 import defenses  # noqa: F401
 from attacks.autoattack import AutoAttackRef
-from attacks.base import build_attack
+from harness.core.attack import build_attack
 from attacks.mora import MORA, member_weights, surrogate_logits
-from defenses.base import BuildContext, build_defense
-from harness.access import CountingModule, ModelAccess, PassCounter
-from harness.datasets import load_dataset
-from harness.ensemble import make_classifier, make_ensemble_access, scale_scores
-from harness.errors import UserError
-from harness.threat import ThreatModel
-from harness.training import to_unit
+from harness.core.defense import BuildContext, build_defense
+from harness.core.access import CountingModule, ModelAccess, PassCounter
+from harness.data.datasets import load_dataset
+from harness.core.ensemble import make_classifier, make_ensemble_access, scale_scores
+from harness.core.errors import UserError
+from harness.core.threat import ThreatModel
+from harness.data.training import to_unit
 
 CPU = torch.device("cpu")
 MODES = ("softmax", "voting", "logits")

@@ -11,15 +11,15 @@ import torch.nn.functional as F
 
 from attacks.pgd import PGD
 from defenses.adv_examples import pgd_examples, trades_examples
-from defenses.base import BuildContext, build_defense
+from harness.core.defense import BuildContext, build_defense
 from defenses.pgd_at import PGDAT, at_loss
 from defenses.standard import Standard
-from harness.access import ModelAccess, PassCounter
-from harness.datasets import load_dataset
-from harness.errors import UserError
-from harness.models import build_model
-from harness.threat import ThreatModel
-from harness.training import TrainConfig, train
+from harness.core.access import ModelAccess, PassCounter
+from harness.data.datasets import load_dataset
+from harness.core.errors import UserError
+from harness.data.models import build_model
+from harness.core.threat import ThreatModel
+from harness.data.training import TrainConfig, train
 
 CNN = {"name": "small_cnn", "width": 16, "hidden": 64}
 

@@ -14,11 +14,11 @@ from PIL import Image
 import defenses.augment_baselines  # noqa: F401
 import defenses.iss  # noqa: F401
 from defenses.augment_baselines import box_masks, cutmix, cutout, mixup
-from defenses.base import BuildContext, build_defense
+from harness.core.defense import BuildContext, build_defense
 from defenses.iss import bdr_u8, gray_u8, jpeg_u8
-from harness.datasets import load_dataset
-from harness.poison_board import build_poisoning_board, matrix
-from harness.poisoning import run_poison, stratified_subset
+from harness.data.datasets import load_dataset
+from harness.poisoning.board import build_poisoning_board, matrix
+from harness.poisoning.run import run_poison, stratified_subset
 
 CPU = torch.device("cpu")
 
@@ -86,7 +86,7 @@ def test_runner_records_skip_and_board(tmp_path):
 
 
 def test_cli_runs_a_config_and_rejects_a_bad_poison(tmp_path, capsys):
-    from harness.poison_cli import main
+    from harness.cli.poison import main
 
     args = ["poison=ops", "defense=iss_bdr", "train_n=300", "test_n=200", "train.epochs=1", "device=cpu",
             "progress=false", f"work_dir={tmp_path}"]

@@ -11,10 +11,10 @@ import torch
 
 from attacks.poisons import REGISTRY, Budget, PoisonBudgetError, apply_poison, build_poison, generate
 from attacks.poisons.ar import draw_filters
-from attacks.poisons.base import Poison, PoisonContext, poison_mask, quantize_within_budget, register_poison
-from harness.datasets import load_dataset
-from harness.errors import UserError
-from harness.poisoning import stratified_subset
+from harness.core.poison import Poison, PoisonContext, poison_mask, quantize_within_budget, register_poison
+from harness.data.datasets import load_dataset
+from harness.core.errors import UserError
+from harness.poisoning.run import stratified_subset
 
 CPU = torch.device("cpu")
 

@@ -7,12 +7,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from harness import leaderboard
+from harness.evasion import board as leaderboard
 from harness.api import run_eval
-from harness.cli import main
-from harness.errors import UserError
-from harness.evaluate import parse_shard
-from harness.metrics import accuracies
+from harness.cli.dispatch import main
+from harness.core.errors import UserError
+from harness.evasion.plan import parse_shard
+from harness.results.metrics import accuracies
 
 BASE = ["dataset=digits", "n_samples=50", "batch_size=10", "defense.train.epochs=1", "attack=pgd", "attack.steps=5"]
 MEASURED = ["attack_time_s", "train_time_s", "finished", "command"]

@@ -18,11 +18,11 @@ import pytest
 import torch
 import yaml
 
-from harness.bundle import CardError, load_bundle, validate_card
-from harness.classifier import Classifier
-from harness.errors import UserError
-from harness.hashing import file_sha256
-from harness.submit import Rejection, SubmitOptions, submit
+from harness.submit.bundle import CardError, load_bundle, validate_card
+from harness.core.classifier import Classifier
+from harness.core.errors import UserError
+from harness.core.hashing import file_sha256
+from harness.submit.score import Rejection, SubmitOptions, submit
 
 BUNDLES = Path(__file__).resolve().parent / "bundles"
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -39,9 +39,9 @@ def _import(path: Path, name: str):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> tuple[dict[str, torch.Tensor], float]:
     """A small CNN trained on the mnist5k training split: (state dict, test accuracy)."""
-    from harness.datasets import load_dataset
-    from harness.models import SmallCNN
-    from harness.training import TrainConfig, accuracy, train
+    from harness.data.datasets import load_dataset
+    from harness.data.models import SmallCNN
+    from harness.data.training import TrainConfig, accuracy, train
 
     data = load_dataset({"name": "mnist5k"})
     torch.manual_seed(0)  # the initial weights too: the same model on every run
@@ -134,7 +134,7 @@ def test_gradient_masked_bundle_is_flagged(make_bundle, work_dir):
     assert health["masking_suspected"] is True
     assert {c["name"]: c["status"] for c in health["checks"]}["gradients"] == "fail"
     # the plots are drawn from the same runs (health curves included)
-    from harness.plots import write_plots
+    from harness.results.plots import write_plots
 
     paths = write_plots([work_dir], work_dir / "plots")
     assert [p.name for p in paths] == ["robust_acc_vs_eps.png", "queries_to_success.png", "attack_convergence.png"]
@@ -145,7 +145,7 @@ def test_gradient_masked_bundle_is_flagged(make_bundle, work_dir):
 
 
 def _rejected(bundle: Path, work_dir: Path, capsys) -> str:
-    from harness.cli import main
+    from harness.cli.dispatch import main
 
     rc = main(["submit", str(bundle), "--work-dir", str(work_dir), "--suite", SMOKE, "--seed", "0", "--device", "cpu"])
     err = capsys.readouterr().err
@@ -185,7 +185,7 @@ def test_declared_randomness_must_be_observed(make_bundle, tmp_path):
 
 def test_declared_randomized_bundle_is_accepted_for_the_randomized_suite(make_bundle, tmp_path):
     """Declared randomness passes the contract; clean accuracy is the mean over draws."""
-    from harness.datasets import load_dataset, select_eval
+    from harness.data.datasets import load_dataset, select_eval
 
     bundle = make_bundle("randomized", randomized=True, name="test-randomized-declared")
     model = _import(bundle / "model.py", "randomized_check").create()
@@ -214,7 +214,7 @@ def test_ensemble_bundle_gets_the_ensemble_suite(make_bundle, tmp_path):
 ])
 def test_ensemble_structure_must_match_the_card(make_bundle, change, message):
     from defenses.checkpoint import Checkpoint
-    from harness.submit import check_contract
+    from harness.submit.score import check_contract
 
     bundle = load_bundle(make_bundle("ensemble"))
     card = {**bundle.card, **change}
@@ -227,7 +227,7 @@ def test_ensemble_structure_must_match_the_card(make_bundle, change, message):
 def _ctx():
     from types import SimpleNamespace
 
-    from defenses.base import BuildContext
+    from harness.core.defense import BuildContext
 
     data = SimpleNamespace(num_classes=10, input_shape=(1, 28, 28))
     return BuildContext(data=data, model_cfg={}, device=torch.device("cpu"), seed=0, cache_dir=Path("."))
@@ -294,7 +294,7 @@ def test_card_error_is_a_rejection_from_the_cli(make_bundle, tmp_path, capsys):
 
 
 def test_template_writes_a_valid_skeleton(tmp_path, capsys):
-    from harness.submit import check_loading, main
+    from harness.submit.score import check_loading, main
 
     d = tmp_path / "new-bundle"
     assert main(["--template", str(d)]) == 0

@@ -8,12 +8,12 @@ import torch
 import torch.nn.functional as F
 
 import defenses.ueraser  # noqa: F401  (registers ueraser_lite / ueraser / ueraser_max)
-from defenses.base import BuildContext, build_defense
+from harness.core.defense import BuildContext, build_defense
 from defenses.ueraser import UEraserPolicy, max_over_k_loss, per_view_losses, random_jpeg
-from harness.datasets import load_dataset
-from harness.errors import UserError
-from harness.models import build_model
-from harness.training import accuracy
+from harness.data.datasets import load_dataset
+from harness.core.errors import UserError
+from harness.data.models import build_model
+from harness.data.training import accuracy
 
 DEVICES = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
 

@@ -2,7 +2,7 @@
 
 Real runs on the embedded real MNIST digits (mnist5k) against a small CNN trained here for two
 epochs; no mocks of the oracle or the attacks. Independent pass counts come from
-`harness.access.CountingModule`, which sits between the oracle and the model.
+`harness.core.access.CountingModule`, which sits between the oracle and the model.
 """
 from __future__ import annotations
 
@@ -14,20 +14,20 @@ import torch
 import yaml
 from torch import nn
 
-from attacks.base import build_attack
+from harness.core.attack import build_attack
 from attacks.zo_ngd import damped_solve, hinge_loss
-from harness.access import Capability, CountingModule, PassCounter
-from harness.classifier import Classifier
-from harness.datasets import load_dataset
-from harness.oracle import (
+from harness.core.access import Capability, CountingModule, PassCounter
+from harness.core.classifier import Classifier
+from harness.data.datasets import load_dataset
+from harness.core.oracle import (
     OracleAccessError,
     QueryBudgetExceeded,
     QueryOracle,
     make_oracle,
     query_summary,
 )
-from harness.threat import ThreatModel
-from harness.training import TrainConfig, train
+from harness.core.threat import ThreatModel
+from harness.data.training import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
 N_EVAL = 24

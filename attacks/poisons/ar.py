@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from attacks.poisons.base import Budget, Poison, PoisonContext, register_poison
-from harness.errors import UserError
+from harness.core.poison import Budget, Poison, PoisonContext, register_poison
+from harness.core.errors import UserError
 
 
 def draw_filters(num_classes: int, channels: int, generator: torch.Generator, max_coef: float = 1.0) -> torch.Tensor:

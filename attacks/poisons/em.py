@@ -23,10 +23,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from attacks.poisons.base import Budget, Poison, PoisonContext, register_poison
-from harness.errors import UserError
-from harness.models import build_model
-from harness.progress import progress_bar
+from harness.core.poison import Budget, Poison, PoisonContext, register_poison
+from harness.core.errors import UserError
+from harness.data.models import build_model
+from harness.core.progress import progress_bar
 
 
 @register_poison("em")

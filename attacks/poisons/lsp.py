@@ -20,8 +20,8 @@ import math
 import numpy as np
 import torch
 
-from attacks.poisons.base import Budget, Poison, PoisonContext, l2_for_linf_equivalent, register_poison
-from harness.errors import UserError
+from harness.core.poison import Budget, Poison, PoisonContext, l2_for_linf_equivalent, register_poison
+from harness.core.errors import UserError
 
 
 @register_poison("lsp")

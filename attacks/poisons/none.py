@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from attacks.poisons.base import Budget, Poison, PoisonContext, register_poison
+from harness.core.poison import Budget, Poison, PoisonContext, register_poison
 
 
 @register_poison("none")

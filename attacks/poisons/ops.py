@@ -22,8 +22,8 @@ import itertools
 
 import torch
 
-from attacks.poisons.base import Budget, Poison, PoisonContext, register_poison
-from harness.errors import UserError
+from harness.core.poison import Budget, Poison, PoisonContext, register_poison
+from harness.core.errors import UserError
 
 
 def corner_colours(channels: int) -> torch.Tensor:

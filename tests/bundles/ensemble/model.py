@@ -2,8 +2,8 @@
 ensemble-aware attacks (MORA) see the members (expected: accepted; scored with the ensemble suite)."""
 from torch import nn
 
-from harness.ensemble import Ensemble
-from harness.models import SmallCNN
+from harness.core.ensemble import Ensemble
+from harness.data.models import SmallCNN
 
 
 def create() -> nn.Module:

@@ -6,7 +6,7 @@ gradient attacks stall: robustness by gradient masking (expected: accepted, mask
 import torch
 from torch import nn
 
-from harness.models import SmallCNN
+from harness.data.models import SmallCNN
 
 LEVELS = 7  # round(x * 7) / 7: 8 grey levels
 

@@ -3,7 +3,7 @@ randomised defense) whose card declares randomized: false (expected: rejected by
 import torch
 from torch import nn
 
-from harness.models import SmallCNN
+from harness.data.models import SmallCNN
 
 SIGMA = 0.25
 

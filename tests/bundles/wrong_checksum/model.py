@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from harness.models import SmallCNN
+from harness.data.models import SmallCNN
 
 
 class Net(nn.Module):

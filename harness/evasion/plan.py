@@ -1,0 +1,174 @@
+"""Plan an evaluation: validate the whole config, pick the samples and the suite, hash the run.
+
+Nothing is written and no model is built here, so a bad value fails before any work.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harness.core.attack import Attack, build_attack
+from harness.core.defense import build_defense
+from harness.core.device import resolve_device
+from harness.core.errors import UserError
+from harness.core.hashing import file_sha256, stable_hash, tensor_hash
+from harness.core.threat import ThreatModel
+from harness.data.datasets import DatasetSplits, load_dataset, select_eval
+from harness.results.store import RunDir
+
+PATH_KEYS = ("model_file", "weights", "path", "root")
+
+
+@dataclass
+class AttackSlot:
+    """One entry of the suite: the attack, its label in records, and the model view it attacks."""
+
+    label: str
+    attack: Attack
+    spec: dict[str, Any]
+    view: str | None = None
+
+
+@dataclass
+class EvalPlan:
+    """Everything decided before any work or any write: validated, hashed, ready to run."""
+
+    cfg: dict[str, Any]
+    data: DatasetSplits
+    ids: torch.Tensor
+    x: torch.Tensor
+    y: torch.Tensor
+    threat: ThreatModel
+    slots: list[AttackSlot]
+    suite_name: str
+    semantic: dict[str, Any]
+    run: RunDir
+    device: torch.device
+    seed: int
+    batch_size: int
+    draws: int
+    cascade: bool
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _semantic_value(key: str, value: Any) -> Any:
+    """Replace file paths by content hashes so the run key survives moving files around."""
+    if key in PATH_KEYS and isinstance(value, str) and value:
+        path = Path(value).expanduser()
+        return f"sha256:{file_sha256(path)}" if path.is_file() else value
+    return value
+
+
+def semantic_part(cfg: dict[str, Any] | None) -> dict[str, Any]:
+    return {k: _semantic_value(k, v) for k, v in (cfg or {}).items() if k not in ("download",)}
+
+
+def parse_shard(shard: Any, n: int, batch_size: int = 1) -> tuple[slice, str | None]:
+    """`i/n` -> the i-th of n contiguous, deterministic slices of the evaluation samples.
+
+    Slices are cut at batch boundaries (whole batches of `batch_size`), so a shard's batches are
+    exactly the unsharded run's batches (same members, same per-batch seeds): merged shards equal
+    the unsharded run sample for sample, costs included.
+    """
+    if shard in (None, "", "null"):
+        return slice(0, n), None
+    try:
+        i, k = (int(v) for v in str(shard).split("/"))
+    except ValueError:
+        raise UserError(f"shard={shard!r} is not of the form i/n (e.g. shard=0/4)") from None
+    if not (k >= 1 and 0 <= i < k):
+        raise UserError(f"shard={shard!r} needs 0 <= i < n (e.g. shard=0/4 .. shard=3/4)")
+    n_batches = -(-n // batch_size)
+    if k > n_batches:
+        raise UserError(f"shard={shard!r}: {n} samples make only {n_batches} batches of batch_size={batch_size}; "
+                        f"use at most {n_batches} shards or a smaller batch_size")
+    lo, hi = (n_batches * i) // k * batch_size, min(n, (n_batches * (i + 1)) // k * batch_size)
+    return slice(lo, hi), f"{i}/{k}"
+
+
+def suite_specs(cfg: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
+    """The ordered attack specs: the single `attack` if one is chosen, else the suite's list."""
+    if cfg.get("attack"):
+        spec = dict(cfg["attack"])
+        return str(spec.get("label") or spec.get("name")), [spec]
+    suite = cfg.get("suite") or {}
+    specs = [dict(s) for s in suite.get("attacks") or []]
+    if not specs:
+        raise UserError("the suite has no attacks; choose suite=quick|standard|... or attack=NAME")
+    return f"{suite.get('name', 'custom')}@v{suite.get('version', 1)}", specs
+
+
+def build_slots(specs: list[dict[str, Any]]) -> list[AttackSlot]:
+    slots, seen = [], set()
+    for spec in specs:
+        spec = dict(spec)
+        view = spec.pop("view", None)
+        label = str(spec.get("label") or spec.get("name"))
+        if label in seen:
+            raise UserError(f"two attacks in the suite share the label {label!r}; give one a distinct label:")
+        seen.add(label)
+        slots.append(AttackSlot(label, build_attack(spec), spec, view))
+    return slots
+
+
+def int_setting(value: Any, name: str, example: int) -> int:
+    """An integer from the config (null or text -> one-line UserError, not a TypeError deep inside)."""
+    ok = isinstance(value, (int, float, str)) and not isinstance(value, bool)
+    if ok:
+        try:
+            number = float(value)
+            ok = number.is_integer()  # False for 2.5, nan and inf
+        except (ValueError, OverflowError):
+            ok = False
+    if not ok:
+        raise UserError(f"{name}={_show(value)} must be an integer (e.g. {name}={example})")
+    return int(number)
+
+
+def _show(value: Any) -> str:
+    return "null" if value is None else str(value)
+
+
+def plan_evaluation(cfg: dict[str, Any]) -> EvalPlan:
+    """Validate the whole config and decide the run directory; writes nothing."""
+    seed = int_setting(cfg.get("seed", 0), "seed", 0)
+    batch_size = int_setting(cfg.get("batch_size", 250), "batch_size", 250)
+    if batch_size <= 0:
+        raise UserError(f"batch_size={batch_size} must be > 0 (e.g. batch_size=250)")
+    device = resolve_device(str(cfg.get("device", "auto")))
+    threat_cfg = dict(cfg.get("threat") or {})
+    threat = ThreatModel(norm=str(threat_cfg.get("norm", "Linf")), eps=threat_cfg.get("eps", 0.3))
+    suite_name, specs = suite_specs(cfg)
+    slots = build_slots(specs)
+    build_defense(dict(cfg.get("defense") or {}))  # name and parameters checked before any data work
+    data = load_dataset(dict(cfg.get("dataset") or {}))
+    ids, x, y = select_eval(data, cfg.get("n_samples"), int(cfg.get("offset", 0) or 0))
+    eval_ids, eval_data = tensor_hash(ids), tensor_hash(x)  # the whole evaluation set: all shards share it
+    sl, shard = parse_shard(cfg.get("shard"), ids.shape[0], batch_size)
+    ids, x, y = ids[sl], x[sl], y[sl]
+    ev = dict(cfg.get("evaluator") or {})
+    draws = int_setting(ev.get("draws", 10), "evaluator.draws", 10)
+    if draws < 1:
+        raise UserError(f"evaluator.draws={draws} must be >= 1")
+    cascade = bool(ev.get("cascade", True))
+    semantic = {
+        "dataset": {**semantic_part(cfg.get("dataset")), "eval_ids": eval_ids, "eval_data": eval_data},
+        "model": semantic_part(cfg.get("model")),
+        "defense": semantic_part(cfg.get("defense")),
+        "suite": suite_name,
+        "attacks": [dict(s.spec, view=s.view) for s in slots],
+        "threat": {"norm": threat.norm, "eps": threat.eps},
+        "n_samples": cfg.get("n_samples"), "offset": int(cfg.get("offset", 0) or 0),
+        "seed": seed, "batch_size": batch_size, "evaluator": {"draws": draws, "cascade": cascade},
+        "shard": shard,
+    }
+    unsharded = {**semantic, "shard": None}
+    run = RunDir.for_config(Path(str(cfg.get("work_dir", "arena-work"))), "runs", semantic)
+    return EvalPlan(cfg, data, ids, x, y, threat, slots, suite_name, semantic, run, device, seed, batch_size,
+                    draws, cascade, extra={"unsharded_hash": stable_hash(unsharded), "shard": shard,
+                                           "first_batch": sl.start // batch_size})
+
+
