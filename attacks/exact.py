@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from harness.core.attack import Attack, AttackResult, register
+from attacks.pgd import PGD
 from attacks.relu_bounds import Bounds, ReluNet, crown_bounds, extract, input_box
 from harness.core.access import Capability, CountingModule, ModelAccess
 from harness.core.errors import UserError
@@ -63,97 +64,87 @@ class MipOutcome:
 
 
 class MarginMip:
-    """The MIP of one sample: built once, re-solved per target class by changing the objective."""
+    """The MIP of one sample: built once, re-solved per target class by changing the objective.
+
+    Columns: the input x; per hidden layer, a pre-activation z = W a_prev + b for every neuron that
+    is not provably inactive (one equality row, the only row holding W) and, for unstable neurons,
+    the post-activation a and the binary d. Keeping W in one row per neuron (not in each big-M row)
+    makes the matrix three times sparser than substituting z, which is what keeps the root LP fast.
+    """
 
     def __init__(self, net: ReluNet, bounds: Bounds, x_lo: torch.Tensor, x_up: torch.Tensor, threads: int) -> None:
         import scipy.sparse as sp
 
         hs = _highspy()
-        self.hs = hs
+        inf = hs.kHighsInf
         n0 = x_lo.numel()
         col_lo, col_up, integer = [x_lo.numpy()], [x_up.numpy()], [np.zeros(n0, bool)]
-        rows, row_lo, row_up = [], [], []  # blocks of (sparse matrix over all columns) and their ranges
-        blocks: list[tuple[Any, int]] = []  # (coo block, its column offset) per constraint group
-        prev_cols = np.arange(n0)  # column of each kept neuron of the previous layer
-        prev_keep = torch.ones(n0, dtype=torch.bool)
+        r_all, c_all, v_all, row_lo, row_up = [], [], [], [], []
+        n_row = 0
         n_col = n0
-        inf = hs.kHighsInf
-        for k in range(net.hidden):
-            lo, up = bounds.lower[k], bounds.upper[k]
-            w = net.weights[k][:, prev_keep]
-            b = net.biases[k].numpy()
-            active = (lo >= 0).numpy()
-            unstable = ((lo < 0) & (up > 0)).numpy()
-            keep = active | unstable
-            idx_a, idx_u = np.flatnonzero(active), np.flatnonzero(unstable)
-            n_keep, n_u = int(keep.sum()), len(idx_u)
-            a_col = np.full(len(lo), -1)
-            a_col[keep] = n_col + np.arange(n_keep)
-            d_col = np.full(len(lo), -1)
-            d_col[idx_u] = n_col + n_keep + np.arange(n_u)
-            lo_np, up_np = lo.numpy(), up.numpy()
-            col_lo.append(np.maximum(lo_np[keep], 0.0))
-            col_up.append(up_np[keep])
-            integer.append(np.zeros(n_keep, bool))
-            col_lo.append(np.zeros(n_u))
-            col_up.append(np.ones(n_u))
-            integer.append(np.ones(n_u, bool))
-            n_col += n_keep + n_u
-            wk = sp.csr_matrix(w.numpy())
+        prev_cols = np.arange(n0)  # column holding each kept neuron's output, previous layer
+        prev_keep = np.ones(n0, bool)
 
-            def rows_for(neurons: np.ndarray, with_w: bool, a_coef: float, d_coef: np.ndarray | None) -> Any:
-                """Sparse rows: a_coef*a_n - (W a_prev)_n [+ d_coef_n * d_n] for the given neurons."""
-                parts_r, parts_c, parts_v = [], [], []
-                r = np.arange(len(neurons))
-                if with_w:
-                    sub = wk[neurons].tocoo()
-                    parts_r.append(sub.row)
-                    parts_c.append(prev_cols[sub.col])
-                    parts_v.append(-sub.data)
-                parts_r.append(r)
-                parts_c.append(a_col[neurons])
-                parts_v.append(np.full(len(neurons), a_coef))
-                if d_coef is not None:
-                    parts_r.append(r)
-                    parts_c.append(d_col[neurons])
-                    parts_v.append(d_coef)
-                return (np.concatenate(parts_r), np.concatenate(parts_c), np.concatenate(parts_v), len(neurons))
-
-            # active: a = W a_prev + b
-            blocks.append(rows_for(idx_a, True, 1.0, None))
-            row_lo.append(b[idx_a])
-            row_up.append(b[idx_a])
-            # unstable: a - W a_prev >= b
-            blocks.append(rows_for(idx_u, True, 1.0, None))
-            row_lo.append(b[idx_u])
-            row_up.append(np.full(n_u, inf))
-            # a - W a_prev - l d <= b - l
-            blocks.append(rows_for(idx_u, True, 1.0, -lo_np[idx_u]))
-            row_lo.append(np.full(n_u, -inf))
-            row_up.append(b[idx_u] - lo_np[idx_u])
-            # a - u d <= 0
-            blocks.append(rows_for(idx_u, False, 1.0, -up_np[idx_u]))
-            row_lo.append(np.full(n_u, -inf))
-            row_up.append(np.zeros(n_u))
-            prev_cols = a_col[keep]
-            prev_keep = torch.from_numpy(keep)
-        r_all, c_all, v_all, offset = [], [], [], 0
-        for r, c, v, n in blocks:
-            r_all.append(r + offset)
+        def add_rows(r: np.ndarray, c: np.ndarray, v: np.ndarray, lo: np.ndarray, up: np.ndarray) -> None:
+            nonlocal n_row
+            r_all.append(r + n_row)
             c_all.append(c)
             v_all.append(v)
-            offset += n
-        n_row = offset
-        mat = sp.csc_matrix((np.concatenate(v_all) if v_all else np.zeros(0),
-                             (np.concatenate(r_all) if r_all else np.zeros(0, int),
-                              np.concatenate(c_all) if c_all else np.zeros(0, int))), shape=(n_row, n_col))
+            row_lo.append(lo)
+            row_up.append(up)
+            n_row += len(lo)
+
+        for k in range(net.hidden):
+            lo, up = bounds.lower[k].numpy(), bounds.upper[k].numpy()
+            keep = up > 0  # provably inactive neurons (u <= 0) output 0 and are dropped
+            unstable = (lo < 0) & (up > 0)
+            idx = np.flatnonzero(keep)
+            idx_u = np.flatnonzero(unstable)
+            w = sp.csr_matrix(net.weights[k].numpy()[np.ix_(idx, np.flatnonzero(prev_keep))])
+            b = net.biases[k].numpy()[idx]
+            z_col = n_col + np.arange(len(idx))  # z of the kept neurons
+            col_lo.append(lo[idx])
+            col_up.append(up[idx])
+            integer.append(np.zeros(len(idx), bool))
+            n_col += len(idx)
+            # z - W a_prev = b
+            coo = w.tocoo()
+            add_rows(np.concatenate([np.arange(len(idx)), coo.row]), np.concatenate([z_col, prev_cols[coo.col]]),
+                     np.concatenate([np.ones(len(idx)), -coo.data]), b, b)
+            out_col = np.full(len(lo), -1)
+            out_col[idx] = z_col  # active neurons: a = z
+            n_u = len(idx_u)
+            if n_u:
+                pos = np.searchsorted(idx, idx_u)
+                zu = z_col[pos]
+                a_col = n_col + np.arange(n_u)
+                d_col = n_col + n_u + np.arange(n_u)
+                col_lo += [np.zeros(n_u), np.zeros(n_u)]
+                col_up += [up[idx_u], np.ones(n_u)]
+                integer += [np.zeros(n_u, bool), np.ones(n_u, bool)]
+                n_col += 2 * n_u
+                r = np.arange(n_u)
+                lu, uu = lo[idx_u], up[idx_u]
+                # a - z >= 0
+                add_rows(np.concatenate([r, r]), np.concatenate([a_col, zu]), np.concatenate([np.ones(n_u), -np.ones(n_u)]),
+                         np.zeros(n_u), np.full(n_u, inf))
+                # a - z - l d <= -l   (a <= z - l (1 - d))
+                add_rows(np.concatenate([r, r, r]), np.concatenate([a_col, zu, d_col]),
+                         np.concatenate([np.ones(n_u), -np.ones(n_u), -lu]), np.full(n_u, -inf), -lu)
+                # a - u d <= 0
+                add_rows(np.concatenate([r, r]), np.concatenate([a_col, d_col]), np.concatenate([np.ones(n_u), -uu]),
+                         np.full(n_u, -inf), np.zeros(n_u))
+                out_col[idx_u] = a_col
+            prev_cols = out_col[idx]
+            prev_keep = keep
+        mat = sp.csc_matrix((np.concatenate(v_all), (np.concatenate(r_all), np.concatenate(c_all))), shape=(n_row, n_col))
         lp = hs.HighsLp()
         lp.num_col_, lp.num_row_ = n_col, n_row
         lp.col_cost_ = np.zeros(n_col)
         lp.col_lower_ = np.concatenate(col_lo)
         lp.col_upper_ = np.concatenate(col_up)
-        lp.row_lower_ = np.concatenate(row_lo) if row_lo else np.zeros(0)
-        lp.row_upper_ = np.concatenate(row_up) if row_up else np.zeros(0)
+        lp.row_lower_ = np.concatenate(row_lo)
+        lp.row_upper_ = np.concatenate(row_up)
         lp.a_matrix_.format_ = hs.MatrixFormat.kColwise
         lp.a_matrix_.start_ = mat.indptr
         lp.a_matrix_.index_ = mat.indices
@@ -169,8 +160,8 @@ class MarginMip:
         self.n_input = n0
         self.n_col = n_col
         self.n_binary = int(kinds.sum())
-        self.last_cols = prev_cols  # columns of the last hidden layer's kept neurons
-        self.last_keep = prev_keep
+        self.last_cols = prev_cols  # columns of the last hidden layer's kept neurons' outputs
+        self.last_keep = torch.from_numpy(prev_keep)
         self.net = net
 
     def minimize_margin(self, label: int, target: int, cutoff: float, stop_at: float, time_limit: float) -> MipOutcome:
@@ -205,12 +196,14 @@ class Exact(Attack):
         cert_margin: a target class is certified when its margin is proven >= cert_margin.
         polish_steps: projected-gradient steps from a MIP point that fails the float32 check.
         threads: HiGHS threads.
+        pgd_steps: a margin-loss PGD pre-screen on the batch (0: none); samples it breaks are
+            returned at once (stage "pgd"), the MIP decides the rest.
     """
 
     requires: ClassVar[Capability] = Capability.GRADIENTS
 
     def __init__(self, time_limit: float = 60.0, tau: float = 1e-3, cert_margin: float = 1e-4,
-                 polish_steps: int = 20, threads: int = 1) -> None:
+                 polish_steps: int = 20, threads: int = 1, pgd_steps: int = 20) -> None:
         if not time_limit > 0:
             raise UserError(f"exact time_limit={time_limit!r} must be > 0 seconds per sample")
         if not tau > 0 or not cert_margin >= 0:
@@ -220,8 +213,11 @@ class Exact(Attack):
         self.time_limit = float(time_limit)
         self.tau = float(tau)
         self.cert_margin = float(cert_margin)
+        if not isinstance(pgd_steps, int) or pgd_steps < 0:
+            raise UserError(f"exact pgd_steps={pgd_steps!r} must be an integer >= 0 (0: no PGD pre-screen)")
         self.polish_steps = polish_steps
         self.threads = threads
+        self.pgd_steps = pgd_steps
         self._net: tuple[int, ReluNet] | None = None
 
     def _network(self, access: ModelAccess, shape: tuple[int, ...]) -> ReluNet:
@@ -245,10 +241,24 @@ class Exact(Attack):
         if gap > 1e-3 * (1 + logits.abs().max()):  # the extracted chain must be the model
             raise RuntimeError(f"exact: the extracted network differs from the model by {float(gap):.3g}")
         x_adv = x.detach().clone()
+        screened = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        if self.pgd_steps:  # cheap: most non-robust samples fall here, the MIP takes the rest
+            pre = PGD(steps=self.pgd_steps, loss="margin", restarts=1).run(access, x, y, threat, generator)
+            with torch.no_grad():
+                screened = (access.model(pre.x_adv).argmax(1) != y) & ~threat.violations(pre.x_adv, x)
+            x_adv[screened] = pre.x_adv[screened].detach()
+        screened_list = screened.tolist()
         certified = torch.zeros(x.shape[0], dtype=torch.bool)
         stage, outcome, times, nodes, unstable = [], [], [], [], []
         for i in range(x.shape[0]):
             start = time.perf_counter()
+            if screened_list[i]:
+                outcome.append("adversarial")
+                stage.append("pgd")
+                times.append(0.0)
+                nodes.append(0)
+                unstable.append(-1)
+                continue
             verdict, point, st, n_nodes, n_unst = self._sample(access, net, x[i], int(y[i]), logits[i], threat, start)
             times.append(time.perf_counter() - start)
             outcome.append(verdict)

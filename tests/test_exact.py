@@ -28,7 +28,7 @@ def verified_run(tmp_path_factory):
 
     work = tmp_path_factory.mktemp("exact")
     summary = run_eval([*TINY, "suite=verified", "evaluator.cascade=false",
-                        "suite.attacks=[{name: exact, label: exact, time_limit: 20.0},"
+                        "suite.attacks=[{name: exact, label: exact, time_limit: 20.0, pgd_steps: 0},"
                         "{name: pgd, label: pgd-100x3, steps: 100, restarts: 3, loss: margin}]"], work, update_board=True)
     records = pd.read_parquet(f"{summary['run_dir']}/samples.parquet")
     board = pd.read_csv(work / "leaderboard" / "evasion.csv")
@@ -39,6 +39,7 @@ def test_exact_breaks_some_proves_others_and_certified_below_robust(verified_run
     summary, records, board = verified_run
     exact = records[(records.attack == "exact") & records.ran]
     assert exact.success.any(), "exact should find adversarial examples at this eps on this net"
+    assert set(exact.stage[exact.success]) <= {"mip", "mip+polish"}, "without the PGD pre-screen, the MIP found them"
     assert (exact.certified == 1).any(), "exact should prove some samples robust"
     assert set(exact.certified.unique()) <= {0.0, 1.0}
     assert not (exact.success & (exact.certified == 1)).any(), "a sample cannot be both broken and certified"
