@@ -293,15 +293,17 @@ class Exact(Attack):
                     return "unknown", None, "", total_nodes, n_unstable
                 res = mip.minimize_margin(label, j, cutoff, stop_at, left)
                 total_nodes += res.nodes
-                if res.status in NONE_BELOW_CUTOFF and res.x is None:  # no point with margin below the cutoff
+                # proved: no point has margin < cutoff (the search was pruned at the cutoff; an
+                # "Optimal" incumbent above the cutoff is not the optimum, only a heuristic's point)
+                none_below = ((res.status in NONE_BELOW_CUTOFF and res.x is None)
+                              or (res.status == "Optimal" and res.objective >= cutoff))
+                if none_below:
                     if attempt == 0:
-                        break  # target j certified
-                    undecided = True  # only boundary points (margin in (cutoff, 0]) exist
+                        break  # cutoff = cert_margin: target j certified
+                    undecided = True  # points in (cutoff, -tau] exist but failed the float32 check
                     break
                 if res.x is None:  # time limit without a point
                     return "unknown", None, "", total_nodes, n_unstable
-                if res.objective >= self.cert_margin and res.status == "Optimal":
-                    break  # the optimum itself is >= cert_margin: certified for j
                 point = self._verified(access, x, label, res.x, threat)
                 if point is not None:
                     return "adversarial", point, "mip", total_nodes, n_unstable

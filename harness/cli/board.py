@@ -8,7 +8,7 @@ from pathlib import Path
 from harness.core.errors import UserError
 
 BOARD_VIEW = ["defense", "model", "dataset", "threat", "suite", "n_samples", "clean_acc", "robust_acc",
-              "best_known_acc", "forward_per_sample", "queries_per_sample", "randomized", "masking_suspected"]
+              "best_known_acc", "certified_acc", "forward_per_sample", "queries_per_sample", "randomized", "masking_suspected"]
 
 
 def board_main(argv: list[str]) -> int:

@@ -29,7 +29,8 @@ from harness.core.atomic import atomic_write_text
 
 FLAG_COLUMNS = ("masking_suspected", "randomized", "ensemble", "submission")
 FILTER_COLUMNS = ("dataset", "threat", "suite")
-LEAD_COLUMNS = ("defense", "model", "dataset", "threat", "suite", "n_samples", "clean_acc", "robust_acc", "best_known_acc")
+LEAD_COLUMNS = ("defense", "model", "dataset", "threat", "suite", "n_samples", "clean_acc", "robust_acc", "best_known_acc",
+                "certified_acc")
 ATTACK_PREFIX = "after "
 
 

@@ -26,8 +26,10 @@ def print_summary(summary: dict[str, Any], console: Console | None = None) -> No
         t.caption = (f"randomised: robust mean {_pct(summary.get('robust_acc_mean'))}, majority "
                      f"{_pct(summary.get('robust_acc_majority'))}, worst {_pct(summary.get('robust_acc'))}")
     console.print(t)
+    certified = summary.get("certified_acc")
+    proved = "" if certified is None or certified != certified else f"certified (proved robust): [bold]{_pct(certified)}[/bold]   "
     console.print(f"robust accuracy (worst case per sample): [bold]{_pct(summary.get('robust_acc'))}[/bold]   "
-                  f"run: {summary.get('run_dir')}")
+                  f"{proved}run: {summary.get('run_dir')}")
 
 
 def print_board(df: pd.DataFrame, columns: list[str], console: Console | None = None, title: str = "leaderboard") -> None:
