@@ -5,6 +5,7 @@ by the harness on scikit-learn's real 8x8 digits, evaluated through `arena eval`
 """
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -115,3 +116,32 @@ def test_exact_refuses_l2_and_randomised_access():
         attack.run(ModelAccess(model, 10, PassCounter()), x, y, ThreatModel("L2", 0.5), torch.Generator())
     with pytest.raises(UserError, match="randomised"):
         attack.run(ModelAccess(model, 10, PassCounter(), randomized=True), x, y, ThreatModel("Linf", 0.1), torch.Generator())
+
+
+def test_certified_accuracy_from_records():
+    """certified_acc counts clean-correct samples some attack proved robust; NaN without a verifier;
+    a certified sample that an attack broke is counted as a soundness failure, not hidden."""
+    from harness.results.metrics import accuracies
+
+    def rows(sample, attack, order, correct, success, cert):
+        return {"sample_id": sample, "attack": attack, "order": order, "ran": True, "correct_draws": correct, "draws": 1,
+                "success": success, "n_forward": 0.0, "n_backward": 0.0, "n_queries": 0, "time_s": 0.0,
+                "violation": False, "budget_exhausted": False, "certified": cert}
+
+    nan = float("nan")
+    recs = pd.DataFrame([
+        rows(0, "clean", 0, 1, False, nan), rows(0, "pgd", 1, 1, False, nan), rows(0, "exact", 2, 1, False, 1.0),
+        rows(1, "clean", 0, 1, False, nan), rows(1, "pgd", 1, 0, True, nan), rows(1, "exact", 2, 0, True, 0.0),
+        rows(2, "clean", 0, 1, False, nan), rows(2, "pgd", 1, 1, False, nan), rows(2, "exact", 2, 1, False, 0.0),
+        rows(3, "clean", 0, 0, False, nan), rows(3, "pgd", 1, 0, False, nan), rows(3, "exact", 2, 0, False, 0.0),
+    ])
+    acc = accuracies(recs)
+    assert acc["robust_acc"] == 0.5 and acc["certified_acc"] == 0.25 and acc["certified_broken"] == 0
+    assert acc["attacks"]["exact"]["certified"] == 1 and "certified" not in acc["attacks"]["pgd"]
+    assert acc["certified_acc"] <= acc["robust_acc"]
+    no_verifier = recs[recs.attack != "exact"]
+    assert np.isnan(accuracies(no_verifier)["certified_acc"])
+    assert np.isnan(accuracies(no_verifier.drop(columns="certified"))["certified_acc"])  # records from before the column
+    broken = recs.copy()
+    broken.loc[(broken.sample_id == 0) & (broken.attack == "pgd"), ["correct_draws", "success"]] = [0, True]
+    assert accuracies(broken)["certified_broken"] == 1
