@@ -250,7 +250,7 @@ def fmt(v: float, digits: int = 0) -> str:
 def setting_table(name: str, res: dict[str, Any]) -> list[str]:
     eps = res["eps"]
     eps_s = f"{eps:.4g}" if abs(eps * 255 - round(eps * 255)) > 1e-6 or eps >= 0.1 else f"{round(eps * 255)}/255"
-    att = res["attacks"]
+    att = {k: res["attacks"][k] for k in LABELS if k in res["attacks"]}  # the json's keys are sorted
     lines = [f"### {name}: {res['model']} ({res['weights'] or 'shipped weights'}), L-inf eps {eps_s}, budget {res['budget']:,} "
              f"queries each, {len(res['images'])} correctly classified of test images 0..{res['n'] - 1}", "",
              "| attack | settings | success | median queries | mean queries | failures at budget | Fisher change (median) |",
