@@ -146,6 +146,10 @@ class ZOAttack(Attack):
         """Per-sample optimiser state (e.g. a momentum buffer); none by default."""
         return {}
 
+    def state_extras(self, state: dict[str, torch.Tensor]) -> dict[str, object]:
+        """Facts from the final state worth returning in `AttackResult.extras`; none by default."""
+        return {}
+
     def probe_points(self, xa: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor:
         """(A, d) current points and (A, q, d) directions -> (A, P, d) probe points."""
         raise NotImplementedError
@@ -205,7 +209,7 @@ class ZOAttack(Attack):
         oracle.affordable(cost)  # marks the samples whose budget cannot pay another step
         x_adv = cur.view_as(x)
         stage = [self.name if flag else "" for flag in done.tolist()]
-        return AttackResult(x_adv=x_adv, stage=stage, extras={"iterations": it})
+        return AttackResult(x_adv=x_adv, stage=stage, extras={"iterations": it, **self.state_extras(state)})
 
 
 @register("zo_ngd")
@@ -247,10 +251,21 @@ class ZONGD(ZOAttack):
         if self.fisher == "rank1":
             return g_l.unsqueeze(-1)
         p0 = l0.exp()
-        o0 = torch.log(1.0001 - p0)  # the reference's guard against log(0)
-        oj = torch.log(1.0001 - lj.exp())
+        # log(1.0001 - p_y) as in the reference (1e-4 guards log 0); 1 - p_y = -expm1(log p_y) keeps
+        # the digits that 1 - p_y loses once p_y is within float precision of 1
+        o0 = torch.log(1e-4 - torch.expm1(l0))
+        oj = torch.log(1e-4 - torch.expm1(lj))
         g_o = zo_gradient(oj, o0, dirs, self.mu)
         return torch.stack([p0.sqrt().unsqueeze(1) * g_l, (1 - p0).clamp_min(0).sqrt().unsqueeze(1) * g_o], -1)
+
+    def init_state(self, b, d, device):
+        return {"fisher_change": torch.zeros(b, device=device), "steps": torch.zeros(b, device=device)}
+
+    def state_extras(self, state):
+        """`fisher_change`: per sample, the mean over its steps of |lam*n - g| / |g|, how much the
+        Fisher changed the step from plain gradient descent with step eta/lam (0: inert)."""
+        mean = state["fisher_change"] / state["steps"].clamp_min(1)
+        return {"fisher_change": torch.where(state["steps"] > 0, mean, torch.nan).tolist()}
 
     def step(self, logp0, logp, dirs, y, state, act, threat):
         if self.loss == "hinge":
@@ -258,4 +273,8 @@ class ZONGD(ZOAttack):
         else:  # "nll": minimise log p_y, the likelihood whose curvature the Fisher is
             f0, fj = true_logp(logp0, y), true_logp(logp, y)
         g = zo_gradient(fj, f0, dirs, self.mu)
-        return self.eta * damped_solve(self.fisher_factor(logp0, logp, dirs, y), g, self.lam)
+        n = damped_solve(self.fisher_factor(logp0, logp, dirs, y), g, self.lam)
+        change = (self.lam * n - g).norm(dim=1) / g.norm(dim=1).clamp_min(1e-30)
+        state["fisher_change"][act] += torch.where(g.norm(dim=1) > 0, change, torch.zeros_like(change))
+        state["steps"][act] += 1
+        return self.eta * n

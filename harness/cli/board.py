@@ -13,7 +13,7 @@ from pathlib import Path
 from harness.core.errors import UserError
 
 BOARD_VIEW = ["defense", "model", "dataset", "data_hash", "threat", "suite", "attacks_hash", "n_samples", "clean_acc",
-              "robust_acc", "best_known_acc", "forward_per_sample", "queries_per_sample", "randomized", "upper_bound",
+              "robust_acc", "best_known_acc", "certified_acc", "forward_per_sample", "queries_per_sample", "randomized", "upper_bound",
               "masking_suspected"]
 
 

@@ -26,11 +26,15 @@ class AttackResult:
     stage: per sample, the name of the internal stage that first fooled the model by the attack's
         own judgement ("" when none), e.g. "apgd-ce" inside AutoAttack or "beta=0.4" in LAFEAT.
     extras: anything else worth keeping in the run's summary (stage curves, head agreement).
+    certified: per sample, True where the attack *proved* that no adversarial example exists in
+        the ball (a complete verifier such as `attack=exact`); None for attacks that cannot prove
+        robustness. The evaluator stores it in the records' `certified` column.
     """
 
     x_adv: torch.Tensor
     stage: list[str] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    certified: torch.Tensor | None = None
 
 
 @dataclass

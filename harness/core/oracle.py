@@ -280,10 +280,23 @@ def make_oracle(classifier: Any, attack: Any, batch_size: int, device: torch.dev
 
 
 def log_scores(scores: torch.Tensor, output: str) -> torch.Tensor:
-    """Log-probabilities from oracle scores (log-softmax of logits, or clamped log of probs)."""
+    """Log-probabilities from oracle scores: log-softmax of logits, or the log of probabilities.
+
+    For probabilities the top class is taken as log1p(-sum of the other probabilities), not
+    log(p_top): a float32 p_top rounds to exactly 1.0 once the logit margin exceeds about 17, so
+    log(p_top) would be 0 and every finite difference of it (the ZO gradient of log p_y, the
+    Fisher) would vanish, while the others' sum still holds the information. The other classes
+    are small (< 0.5 whenever the top class is above 0.5), so their plain log is accurate; they are
+    clamped at 1e-30 because float32 softmax underflows to exactly 0 beyond a margin of ~100.
+    """
     if output == "logits":
         return torch.log_softmax(scores, dim=1)
-    return scores.clamp_min(1e-30).log()
+    logp = scores.clamp_min(1e-30).log()
+    top = scores.argmax(1, keepdim=True)
+    p_top = scores.gather(1, top)
+    rest = scores.scatter(1, top, 0.0).sum(1, keepdim=True)  # sum_{j != top} p_j, no cancellation
+    log_top = torch.where(p_top > 0.5, torch.log1p(-rest.clamp(0.0, 0.5)), p_top.clamp_min(1e-30).log())
+    return logp.scatter(1, top, log_top)
 
 
 def query_summary(

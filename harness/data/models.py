@@ -69,6 +69,33 @@ class SmallCNN(Normalized):
         return self.fc2(F.relu(self.bn3(self.fc1(x))))
 
 
+class ConvSmall(Normalized):
+    """The verification benchmarks' small MNIST network (ERAN's ConvSmall family): two 4x4 stride-2
+    convolutions, one hidden dense layer, ReLU, no pooling, as one `nn.Sequential` (`net`).
+
+    Small enough that `attack=exact` decides robustness with a MIP; 28x28 -> 14x14 -> 7x7 with
+    padding 1 (8x8 digits: 4x4 -> 2x2).
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, channels: Sequence[int] = (8, 16), hidden: int = 100,
+                 image_size: int = 28, mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,)) -> None:
+        super().__init__(mean, std)
+        if len(channels) != 2 or min(channels) < 1 or hidden < 1:
+            raise UserError(f"model.channels={list(channels)} and model.hidden={hidden}: give two positive channel counts and hidden >= 1")
+        c1, c2 = (int(c) for c in channels)
+        side = (image_size + 1) // 2
+        side = (side + 1) // 2  # two 4x4 stride-2 convolutions with padding 1 halve each side (rounding up)
+        self.net = nn.Sequential(
+            nn.Conv2d(in_channels, c1, 4, 2, 1), nn.ReLU(),
+            nn.Conv2d(c1, c2, 4, 2, 1), nn.ReLU(),
+            nn.Flatten(), nn.Linear(c2 * side * side, int(hidden)), nn.ReLU(),
+            nn.Linear(int(hidden), num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.normalize(x))
+
+
 class BasicBlock(nn.Module):
     expansion = 1
 
@@ -331,6 +358,22 @@ class ResNet20Arch(Architecture):
     def create(self, input_shape: Sequence[int], num_classes: int) -> nn.Module:
         c = int(input_shape[0])
         return ResNet20(c, num_classes, **self.norm(c))
+
+
+@MODELS.register("conv_small")
+@dataclass
+class ConvSmallArch(Architecture):
+    """`ConvSmall`: the verification benchmarks' small MNIST network (`attack=exact` decides it)."""
+
+    channels: list[int] = field(default_factory=lambda: [8, 16])
+    hidden: int = 100
+    mean: list[float] = _stats([0.1307])
+    std: list[float] = _stats([0.3081])
+
+    def create(self, input_shape: Sequence[int], num_classes: int) -> nn.Module:
+        c = int(input_shape[0])
+        return ConvSmall(c, num_classes, channels=tuple(self.channels), hidden=self.hidden,
+                         image_size=int(input_shape[-1]), **self.norm(c))
 
 
 BUILDERS = MODELS  # the older name: `name in BUILDERS`, `sorted(BUILDERS)`

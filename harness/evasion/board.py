@@ -34,7 +34,7 @@ from harness.results.store import RunDir, completed_runs
 
 COLUMNS = [
     "defense", "defense_id", "model", "dataset", "data_hash", "threat", "norm", "eps", "suite", "attacks_hash",
-    "n_samples", "clean_acc", "robust_acc", "robust_acc_mean", "robust_acc_majority", "best_known_acc", "cascade",
+    "n_samples", "clean_acc", "robust_acc", "robust_acc_mean", "robust_acc_majority", "best_known_acc", "certified_acc", "cascade",
     "forward_per_sample", "backward_per_sample", "queries_per_sample", "attack_time_s",
     "train_time_s", "train_passes", "params",
     "randomized", "ensemble", "upper_bound", "masking_suspected", "violations", "nonfinite_grad", "submission",
@@ -43,7 +43,7 @@ COLUMNS = [
 ]
 ROW_KEY = ["defense_id", "dataset", "data_hash", "threat", "suite", "attacks_hash"]
 """One row per key: the latest run of it (most samples first, for merged shard sets)."""
-FLOAT_COLUMNS = ("eps", "clean_acc", "robust_acc", "robust_acc_mean", "robust_acc_majority", "best_known_acc",
+FLOAT_COLUMNS = ("eps", "clean_acc", "robust_acc", "robust_acc_mean", "robust_acc_majority", "best_known_acc", "certified_acc",
                  "forward_per_sample", "backward_per_sample", "queries_per_sample", "attack_time_s", "train_time_s")
 INT_COLUMNS = ("n_samples", "train_passes", "params", "violations", "seed")
 BOOL_COLUMNS = ("randomized", "ensemble", "upper_bound", "masking_suspected", "submission", "transductive")
@@ -161,6 +161,7 @@ def _row(run: RunDir, manifest: dict[str, Any], summary: dict[str, Any], samples
         "robust_acc_mean": _pct(acc["robust_acc_mean"]),
         "robust_acc_majority": _pct(acc["robust_acc_majority"]),
         "best_known_acc": _pct(best_known),
+        "certified_acc": _pct(acc["certified_acc"]) if acc.get("certified_acc") is not None else float("nan"),
         "cascade": ";".join(f"{k}={_pct(v['robust_acc_after'])}" for k, v in acc["attacks"].items()),
         "forward_per_sample": round(acc["forward_per_sample"], 1),
         "backward_per_sample": round(acc["backward_per_sample"], 1),

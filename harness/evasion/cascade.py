@@ -151,7 +151,7 @@ def evaluate_batch(plan: EvalPlan, clf: Classifier, b: int, ids: torch.Tensor, x
                      "pred": pred_list[i], "linf": 0.0, "l2": 0.0, "n_forward": 0.0, "n_backward": 0.0,
                      "prepare_forward": 0.0, "prepare_backward": 0.0,
                      "n_queries": 0, "time_s": 0.0, "violation": False, "stage": "",
-                     "budget_exhausted": False, "nonfinite_grad": False})
+                     "budget_exhausted": False, "nonfinite_grad": False, "certified": float("nan")})
     progress.stage_done("clean", x.shape[0], float(clean_count.sum()) / n_draws)
     for k, slot in enumerate(plan.slots, start=1):
         pool = (worst > 0) if plan.cascade else (clean_count > 0)
@@ -163,7 +163,7 @@ def evaluate_batch(plan: EvalPlan, clf: Classifier, b: int, ids: torch.Tensor, x
             r = results.get(i) or {"ran": False, "correct_draws": -1, "success": False, "pred": -1, "linf": float("nan"),
                                    "l2": float("nan"), "n_forward": slot.prepare_forward, "n_backward": slot.prepare_backward,
                                    "n_queries": 0, "time_s": 0.0, "violation": False, "stage": "", "budget_exhausted": False,
-                                   "nonfinite_grad": False}
+                                   "nonfinite_grad": False, "certified": float("nan")}
             # every evaluated sample carries its even share of what the attack's prepare() spent
             r = {**r, "prepare_forward": slot.prepare_forward, "prepare_backward": slot.prepare_backward}
             rows.append({"sample_id": ids_list[i], "label": y_list[i], "attack": slot.label, "order": k, "draws": n_draws, **r})
@@ -236,6 +236,8 @@ def _run_stage(plan: EvalPlan, clf: Classifier, snapshot: ModelSnapshot, slot: A
     values = [c.tolist() for c in cols]
     count_l, pred_l, linf_l, l2_l, bad_l, nonfinite_l = values[:6]
     queries_l, exhausted_l = (values[6], values[7]) if queries is not None else ([0] * m, [False] * m)
+    # proved robust by a complete verifier (attack=exact): 1/0; NaN for attacks that cannot prove it
+    cert = out.certified.detach().cpu().float().tolist() if out.certified is not None else [float("nan")] * m
     results = {}
     for j, i in enumerate(idx.tolist()):
         c = int(count_l[j])
@@ -243,5 +245,6 @@ def _run_stage(plan: EvalPlan, clf: Classifier, snapshot: ModelSnapshot, slot: A
                       "pred": int(pred_l[j]), "linf": float(linf_l[j]), "l2": float(l2_l[j]),
                       "n_forward": n_fwd, "n_backward": n_bwd, "n_queries": int(queries_l[j]),
                       "time_s": elapsed / m, "violation": bool(bad_l[j]), "stage": str(stage[j]),
-                      "budget_exhausted": bool(exhausted_l[j]), "nonfinite_grad": bool(nonfinite_l[j])}
+                      "budget_exhausted": bool(exhausted_l[j]), "nonfinite_grad": bool(nonfinite_l[j]),
+                      "certified": cert[j]}
     return results

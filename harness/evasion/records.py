@@ -18,12 +18,12 @@ from harness.core.hashing import tensor_hash
 from harness.results.store import RunDir
 
 RECORD_COLUMNS = ("sample_id", "label", "attack", "order", "ran", "correct_draws", "draws", "success", "pred",
-                  "linf", "l2", "n_forward", "n_backward", "n_queries", "time_s", "violation", "stage",
-                  "budget_exhausted", "nonfinite_grad", "prepare_forward", "prepare_backward")
+                  "linf", "l2", "n_forward", "n_backward", "prepare_forward", "prepare_backward", "n_queries", "time_s",
+                  "violation", "stage", "budget_exhausted", "nonfinite_grad", "certified")
 """Columns of `samples.parquet` and of every batch file (`harness.evasion.cascade.evaluate_batch`)."""
 CORE_COLUMNS = ("sample_id", "label", "attack", "order", "ran", "correct_draws", "draws")
 """What the metrics need: a finished run without these cannot give a row."""
-FORMAT = 2  # 2: nonfinite_grad and the prepare-pass shares joined the records
+FORMAT = 2  # 2: nonfinite_grad, the prepare-pass shares and certified joined the records
 
 
 def ids_hash(ids: Any) -> str:

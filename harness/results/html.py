@@ -36,13 +36,14 @@ from harness.core.formats import ATTACK_PREFIX, cell as format_cell
 
 FLAG_COLUMNS = ("masking_suspected", "upper_bound", "randomized", "ensemble", "submission")
 FILTER_COLUMNS = ("dataset", "threat", "suite")
-COMPACT = ("defense", "model", "dataset", "threat", "suite", "clean_acc", "robust_acc", "best_known_acc", "cost", "flags")
+COMPACT = ("defense", "model", "dataset", "threat", "suite", "clean_acc", "robust_acc", "best_known_acc", "certified_acc", "cost",
+           "flags")
 COST_COLUMNS = ("forward_per_sample", "backward_per_sample", "queries_per_sample", "attack_time_s", "train_time_s",
                 "train_passes", "params")
 PROVENANCE_COLUMNS = ("config_hash", "defense_id", "seed", "harness_version", "git", "finished", "command")
 # (group id, check-box label); the compact columns are always shown
 GROUPS = (("attacks", "per-attack accuracy"), ("cost", "cost details"), ("details", "details"), ("provenance", "provenance"))
-LABELS = {"clean_acc": "clean %", "robust_acc": "robust %", "best_known_acc": "best known %", "cost": "passes / sample",
+LABELS = {"clean_acc": "clean %", "robust_acc": "robust %", "best_known_acc": "best known %", "certified_acc": "certified %", "cost": "passes / sample",
           "robust_acc_mean": "robust mean %", "robust_acc_majority": "robust majority %", "n_samples": "n"}
 TITLES = {"cost": "model passes per evaluated sample spent by the attacks: forward + backward + black-box queries",
           "robust_acc": "worst case per sample over the suite's attacks (and over draws for randomised defenses)",

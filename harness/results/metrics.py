@@ -34,6 +34,23 @@ def _three(correct: pd.Series, draws: pd.Series) -> dict[str, float]:
     }
 
 
+def certified(samples: pd.DataFrame, ps: pd.DataFrame) -> tuple[float | None, int]:
+    """(certified accuracy, certified samples that some attack nevertheless broke).
+
+    A sample is certified if it is classified correctly (every draw) and some attack in the run
+    proved that no adversarial example exists in the ball (records' `certified` == 1; NaN rows come
+    from attacks that cannot prove robustness). None when no such attack ran (null in summary.json). Since a proof holds
+    for every attack, certified <= robust; a certified sample that was broken is a soundness
+    failure, counted rather than hidden.
+    """
+    if "certified" not in samples or not samples["certified"].notna().any():
+        return None, 0
+    proved = samples.loc[samples["ran"] & (samples["certified"] == 1), "sample_id"].unique()
+    cert = ps.index.isin(proved) & (ps["clean"] == ps["draws"]).to_numpy()
+    robust = (ps["worst"] == ps["draws"]).to_numpy()
+    return (float(cert.mean()) if len(ps) else None), int((cert & ~robust).sum())
+
+
 def accuracies(samples: pd.DataFrame) -> dict[str, Any]:
     """Clean and robust accuracy (mean / majority / worst over draws), per-attack cascade, costs.
 
@@ -70,12 +87,16 @@ def accuracies(samples: pd.DataFrame) -> dict[str, Any]:
             # attacked samples whose attack saw a non-finite input gradient (older records lack the column)
             "nonfinite_grad": int(ran["nonfinite_grad"].fillna(False).astype(bool).sum()) if "nonfinite_grad" in ran else 0,
         }
+        if "certified" in ran and ran["certified"].notna().any():  # a complete verifier (attack=exact)
+            attacks[label]["certified"] = int((ran["certified"] == 1).sum())
+    certified_acc, certified_broken = certified(samples, ps)
     n = max(len(ps), 1)
     total_fwd = sum(a["n_forward"] for a in attacks.values())
     total_bwd = sum(a["n_backward"] for a in attacks.values())
     return {
         "clean_acc": clean["mean"], "clean_acc_majority": clean["majority"], "clean_acc_worst": clean["worst"],
         "robust_acc": robust["worst"], "robust_acc_mean": robust["mean"], "robust_acc_majority": robust["majority"],
+        "certified_acc": certified_acc, "certified_broken": certified_broken,
         "attacks": attacks,
         "forward_per_sample": total_fwd / n,
         "backward_per_sample": total_bwd / n,

@@ -54,8 +54,10 @@ def print_summary(summary: dict[str, Any], console: Console | None = None) -> No
         t.caption = (f"randomised: robust mean {pct(summary.get('robust_acc_mean'))}, majority "
                      f"{pct(summary.get('robust_acc_majority'))}, worst {pct(summary.get('robust_acc'))}")
     _print(con, t)
+    certified = summary.get("certified_acc")
+    proved = "" if certified is None or certified != certified else f"certified (proved robust): [bold]{pct(certified)}[/bold]   "
     con.print(f"robust accuracy (worst case per sample): [bold]{pct(summary.get('robust_acc'))}[/bold]   "
-              f"run: {summary.get('run_dir')}", overflow="ignore", crop=False)
+              f"{proved}run: {summary.get('run_dir')}", overflow="ignore", crop=False)
 
 
 def board_table(df: pd.DataFrame, columns: list[str], title: str = "leaderboard") -> Table:

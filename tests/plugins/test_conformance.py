@@ -101,9 +101,10 @@ def test_python_defaults_build_the_yaml_defense():
 FAST_ATTACK = {  # small budgets: one batch, a few seconds each
     "pgd": {"steps": 5}, "fgsm": {}, "apgd_ce": {"n_iter": 5}, "autoattack": {"n_iter": 3, "n_target_classes": 2, "square_queries": 30},
     "lafeat": {"head_epochs": 1, "iterations": 3, "targets": 1}, "mora": {"n_iter": 3, "n_target_classes": 2},
-    "square": {"budget": 50}, "zo_ngd": {"budget": 100}, "zo_sgd": {"budget": 100}, "nes": {"budget": 102},
+    "exact": {"time_limit": 5.0}, "square": {"budget": 50}, "zo_ngd": {"budget": 100}, "zo_sgd": {"budget": 100}, "nes": {"budget": 102},
 }
 ENSEMBLE_ONLY = {"mora"}
+MODEL_FOR = {"exact": ["model=conv_small", "model.channels=[4,8]", "model.hidden=16"]}  # a MIP needs a plain ReLU net
 ATTACK_FILES = sorted(p.stem for p in (CONF_DIR / "attack").glob("*.yaml"))
 
 
@@ -111,6 +112,7 @@ ATTACK_FILES = sorted(p.stem for p in (CONF_DIR / "attack").glob("*.yaml"))
 def test_every_attack_runs_one_batch_on_digits(session_work, option):
     assert option in FAST_ATTACK, f"give conf/attack/{option}.yaml a small budget in FAST_ATTACK"
     defense = (["defense=ensemble", "defense.members=2"] if option in ENSEMBLE_ONLY else []) + ["defense.train.epochs=2"]
+    defense += MODEL_FOR.get(option, [])
     overrides = ["dataset=digits", "n_samples=12", "batch_size=12", "threat.eps=0.2", f"attack={option}", *defense,
                  *[f"attack.{k}={v}" for k, v in FAST_ATTACK[option].items()]]
     summary = run_eval(overrides, session_work)

@@ -23,6 +23,7 @@ from harness.core.oracle import (
     OracleAccessError,
     QueryBudgetExceeded,
     QueryOracle,
+    log_scores,
     make_oracle,
     query_summary,
 )
@@ -207,6 +208,34 @@ def test_fisher_solves_match_dense_inverse():
     v = gl / s
     ref = g / lam + (1 / (s * s + lam) - 1 / lam) * v * (v @ g)
     assert torch.allclose(damped_solve(gl.view(1, d, 1), g.view(1, d), lam)[0], ref, rtol=1e-8)
+
+
+def test_log_of_probabilities_survives_float32_rounding_of_p_y():
+    """log p_y from float32 probabilities: p_y rounds to exactly 1.0 once the margin exceeds ~17,
+    so log(p_y) would be 0; log1p(-sum of the others) keeps it (and its finite differences)."""
+    logits = torch.tensor([[30.0, 5.0, 2.0], [25.0, 24.0, 0.0], [1.0, 2.0, 3.0]])
+    probs = torch.softmax(logits, 1)
+    assert probs[0, 0] == 1.0, "the premise: float32 rounds p_y to 1"
+    ours = log_scores(probs, "probs")
+    exact = torch.log_softmax(logits.double(), 1)
+    assert torch.allclose(ours.double(), exact, rtol=1e-4, atol=1e-30)
+    assert ours[0, 0] < 0 and probs.clamp_min(1e-30).log()[0, 0] == 0
+    # a finite difference of log p_y along a direction that moves only the runner-up is seen
+    nudged = torch.softmax(logits + torch.tensor([[0.0, 0.5, 0.0]]), 1)
+    assert log_scores(nudged, "probs")[0, 0] < ours[0, 0]
+
+
+def test_fisher_change_reports_whether_the_fisher_acts(mnist):
+    """At the reference MNIST damping the Fisher rewrites the step; at lambda=1e4 it is inert."""
+    model, x, y = mnist
+    ref = dict(name="zo_ngd", q=10, mu=1.0, eta=4e-4, lam=5e-6, fisher="two_class", iterations=3, budget=40)
+    inert = dict(name="zo_ngd", q=10, mu=1.0, eta=20.0, lam=1e4, fisher="rank1", iterations=3, budget=40)
+    _, _, r_ref = _run(ref, model, x[:6], y[:6])
+    _, _, r_inert = _run(inert, model, x[:6], y[:6])
+    ref_change = torch.tensor(r_ref.extras["fisher_change"])
+    inert_change = torch.tensor(r_inert.extras["fisher_change"])
+    assert float(ref_change.nanmedian()) > 0.5
+    assert float(inert_change.nanmedian()) < 0.05
 
 
 def test_hinge_is_cw_margin_on_log_probs():

@@ -21,7 +21,7 @@ from helpers import REPO
 ARCH = {"name": "small_cnn", "width": 8, "hidden": 32}
 COLUMNS = ["sample_id", "label", "attack", "order", "ran", "correct_draws", "draws", "success", "pred", "linf", "l2",
            "n_forward", "n_backward", "prepare_forward", "prepare_backward", "n_queries", "time_s", "violation", "stage",
-           "budget_exhausted", "nonfinite_grad"]
+           "budget_exhausted", "nonfinite_grad", "certified"]
 EPS = 0.1
 
 
