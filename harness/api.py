@@ -37,6 +37,7 @@ from harness.core.attack import ATTACKS
 from harness.core.classifier import Classifier
 from harness.core.errors import UserError
 from harness.core.hashing import module_hash
+from harness.core.numbers import as_number
 from harness.core.threat import ThreatModel
 from harness.data.datasets import DatasetSplits
 
@@ -194,11 +195,12 @@ def _attack_spec(spec: AttackSpec) -> dict[str, Any]:
     return spec
 
 
-def _threat_overrides(norm: str, eps: float) -> list[str]:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+def _threat_overrides(norm: str, eps: float | str) -> list[str]:
+    value = as_number(eps)  # 8/255 in Python, or the string "8/255" as on the command line
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise UserError(f"eps={eps!r} must be a number (e.g. eps=8/255)")
-    ThreatModel(norm=norm, eps=float(eps))  # checks norm and range with the CLI's messages
-    return [f"threat.norm={norm}", f"threat.eps={float(eps)!r}"]
+    ThreatModel(norm=norm, eps=float(value))  # checks norm and range with the CLI's messages
+    return [f"threat.norm={norm}", f"threat.eps={float(value)!r}"]
 
 
 def _prepare(model: nn.Module, x: Any, y: Any, *, norm: str, eps: float, seed: int, batch_size: int,

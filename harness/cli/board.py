@@ -9,12 +9,30 @@ from __future__ import annotations
 import argparse
 import importlib
 from pathlib import Path
+from typing import Any
 
 from harness.core.errors import UserError
 
 BOARD_VIEW = ["defense", "model", "dataset", "data_hash", "threat", "suite", "attacks_hash", "n_samples", "clean_acc",
               "robust_acc", "best_known_acc", "certified_acc", "forward_per_sample", "queries_per_sample", "randomized", "upper_bound",
               "masking_suspected"]
+
+
+def match_rows(df: Any, column: str, value: str) -> Any:
+    """The rows whose `column` matches `value` the way a researcher types it.
+
+    Case-insensitive; an exact match wins, then a version-free one (`quick` for `quick@v1`), then a
+    prefix (`linf` for `Linf-0.1`, `mnist` for `mnist5k`). A miss is one line listing the values
+    the board has, never a silently empty table.
+    """
+    want = str(value).strip().lower()
+    cells = df[column].astype(str)
+    lower = cells.str.lower()
+    for hit in (lower == want, lower.str.split("@").str[0] == want, lower.str.startswith(want)):
+        if hit.any():
+            return df[hit.to_numpy()]
+    have = sorted(set(cells))
+    raise UserError(f"--{column} {value!r} matches no row of this leaderboard; it has: {', '.join(have) or 'no rows'}")
 
 
 def poisoning_schema() -> dict:
@@ -121,14 +139,16 @@ def board_main(argv: list[str]) -> int:
             print(f"wrote {csv} ({len(df)} rows)")
             return 0
         df = leaderboard.read(csv, **poisoning_schema())
+        for col in ("dataset", "defense"):
+            if getattr(args, col) is not None:
+                df = match_rows(df, col, getattr(args, col))
+        if args.attacks:
+            raise UserError("--attacks applies to the evasion leaderboard (per-attack accuracy); the poisoning board has none")
         if args.matrix:
             print("clean test accuracy (%), final epoch, mean ± std over seeds [training accuracy on the data the defender got]")
             print(board.matrix(df, beside="train_acc").to_string())
             return 0
         if args.action == "show" and not args.columns:
-            for col in ("dataset", "defense"):
-                if getattr(args, col) is not None:
-                    df = df[df[col].astype(str) == getattr(args, col)]
             if args.sort:
                 if args.sort not in df.columns:
                     raise UserError(f"--sort {args.sort!r} is not a column; choose one of: {', '.join(df.columns)}")
@@ -144,13 +164,12 @@ def board_main(argv: list[str]) -> int:
                 note += f"; no runs/ under {', '.join(str(wd) for wd in work_dirs)} yet"
             print(f"wrote {csv} ({len(df)} rows{note})")
             return 0
+        if args.matrix:
+            raise UserError("--matrix shows the poisoning board's poison x defense matrix; use it with --track poisoning")
         df = leaderboard.read(csv)
-    for col in ("dataset", "threat", "defense", "suite"):
-        value = getattr(args, col)
-        if value is not None:
-            if col not in df.columns:
-                raise UserError(f"--{col} does not apply to the {args.track} leaderboard")
-            df = df[df[col].astype(str) == value]
+        for col in ("dataset", "threat", "defense", "suite"):
+            if getattr(args, col) is not None:
+                df = match_rows(df, col, getattr(args, col))
     if args.action == "plot":
         if not args.out:
             raise UserError("arena board plot needs an output directory: arena board plot OUT_DIR")
@@ -172,10 +191,12 @@ def board_main(argv: list[str]) -> int:
         df = df.sort_values(keys, ascending=[True] * (len(keys) - 1) + [args.ascending], kind="stable")
     elif args.ascending:
         raise UserError("--ascending needs --sort COLUMN")
-    cols = args.columns.split(",") if args.columns else [c for c in BOARD_VIEW if c in df.columns] or list(df.columns)
-    if args.track == "evasion" and not args.columns:
+    cols = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else \
+        [c for c in BOARD_VIEW if c in df.columns] or list(df.columns)
+    if args.track == "evasion":
         board_html = importlib.import_module("harness.results.html")
-        df = df.assign(flags=df.apply(board_html.flags_text, axis=1))
+        df = df.assign(flags=df.apply(board_html.flags_text, axis=1) if len(df) else "")  # shown by default, asked for by name
+    if args.track == "evasion" and not args.columns:
         cols = [c for c in cols if c not in ("randomized", "upper_bound", "masking_suspected")] + ["flags"]
         if args.attacks:
             before = set(df.columns)

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from hydra.errors import CompactHydraException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from harness.core.errors import UserError
+from harness.core.errors import UserError, did_you_mean
+from harness.core.numbers import is_fraction
 from harness.cli.launchers import check_launcher, register_resolvers
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -103,12 +104,15 @@ def validate_overrides(config_name: str, overrides: list[str], multirun: bool = 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         for combo in combos:
             try:
-                compose(config_name=config_name, overrides=combo)
-                # values must have the type of the default they replace (no traceback deep in a job)
                 items = OverridesParser.create().parse_overrides(combo)
                 groups = tuple(o.input_line for o in items if (CONF_DIR / o.key_or_group).is_dir())
                 if groups not in defaults_cache:
                     defaults_cache[groups] = compose(config_name=config_name, overrides=list(groups))
+                _check_keys(defaults_cache[groups], items)  # our line (with "did you mean"), before Hydra's `+key` advice
+                compose(config_name=config_name, overrides=combo)
+                # values must have the type of the default they replace (no traceback deep in a job)
+            except UserError:
+                raise
             except (HydraException, ValueError, KeyError) as exc:
                 msg = " ".join(str(exc).split())
                 raise UserError(f"bad override in {' '.join(combo)!r}: {msg[:300]}") from None
@@ -119,6 +123,35 @@ def validate_overrides(config_name: str, overrides: list[str], multirun: bool = 
 
 
 _UNSET = object()
+
+
+def _check_keys(defaults: DictConfig, items: list[Any]) -> None:
+    """A key the composed config does not have -> one `UserError` naming the settings that exist.
+
+    Hydra's own message for `attack.stepz=5` suggests `+attack.stepz=5`, which only adds a key
+    nothing reads; `+foo=1` at the top level is refused for the same reason (a `+` inside a plugin
+    group, e.g. `+attack.x=1`, is checked by the plugin's registry, which lists its parameters).
+    """
+    for ov in items:
+        key = ov.key_or_group
+        if ov.is_delete() or key.startswith("hydra") or (CONF_DIR / key).is_dir() or ov.package is not None:
+            continue
+        if OmegaConf.select(defaults, key, default=_UNSET, throw_on_missing=False) is not _UNSET:
+            continue
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(defaults, parent, default=_UNSET, throw_on_missing=False) if parent else defaults
+        if ov.is_add() and parent and OmegaConf.is_dict(node):
+            continue  # +group.param=...: the plugin's own check decides
+        if not OmegaConf.is_dict(node):
+            if ov.is_add():
+                continue
+            raise UserError(f"{key} is not a setting: {parent or key} has no sub-keys; see `--cfg job` for the settings")
+        names = sorted(str(k) for k in node.keys() if not str(k).startswith("_") and str(k) != "hydra")
+        hint = did_you_mean(leaf, names)
+        where = f"{parent} {node.get('name')!r}" if parent and node.get("name") else (parent or "the config")
+        if ov.is_add():
+            raise UserError(f"+{key} adds a key nothing reads; {where} has: {', '.join(names)}" + (f"; {hint}" if hint else ""))
+        raise UserError(f"{key} is not a setting of {where}; it has: {', '.join(names)}" + (f"; {hint}" if hint else ""))
 
 
 def _check_types(defaults: DictConfig, items: list[Any]) -> None:
@@ -141,7 +174,8 @@ def _check_types(defaults: DictConfig, items: list[Any]) -> None:
         elif isinstance(default, int):
             ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
         elif isinstance(default, float):
-            ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+            ok = (isinstance(value, (int, float)) and not isinstance(value, bool)) or is_fraction(value)
+            want = "a number or a fraction such as 8/255"
         elif OmegaConf.is_list(default):
             ok, want = isinstance(value, list), "a list such as [a,b]"
         elif OmegaConf.is_dict(default):
@@ -238,10 +272,25 @@ def run_hydra_app(config_name: str, task: Callable[[DictConfig], Any], argv: lis
 
 
 def to_plain(cfg: DictConfig) -> dict[str, Any]:
-    """Resolved plain-dict copy of a Hydra config (a broken ${...} reference is a `UserError`)."""
+    """Resolved plain-dict copy of a Hydra config (a broken ${...} reference is a `UserError`).
+
+    `threat.eps=8/255` arrives as the string "8/255": it becomes its float before interpolations
+    (a defense's `eps: ${threat.eps}`) resolve, so every spelling of a radius hashes alike, and the
+    fraction as written is kept in `threat.eps_text` (recorded in the manifest).
+    """
     from omegaconf.errors import OmegaConfBaseException
 
+    from harness.core.numbers import as_number
+
     try:
+        threat = cfg.get("threat") if isinstance(cfg, DictConfig) else None
+        eps = threat.get("eps") if isinstance(threat, DictConfig) else None
+        if isinstance(eps, str) and as_number(eps) is not eps:
+            cfg = cfg.copy()
+            with open_dict(cfg):
+                cfg.threat.eps = float(as_number(eps))
+                if is_fraction(eps):
+                    cfg.threat.eps_text = eps.replace(" ", "")
         return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
     except OmegaConfBaseException as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -37,6 +37,7 @@ import typing
 from typing import Any, Callable, ClassVar, Generic, Iterator, Literal, Mapping, Sequence, TypeVar, Union
 
 from harness.core.errors import UserError, choices_error, did_you_mean
+from harness.core.numbers import as_number, is_fraction
 
 T = TypeVar("T")
 FOLLOWS = "follows"  # dataclass field metadata key: the context path a field follows when unset
@@ -141,6 +142,8 @@ def coerce(value: Any, tp: Any, where: str, default: Any = dataclasses.MISSING) 
             return int(value)
         raise _fail(where, value, tp)
     if tp is float:
+        if is_fraction(value):  # `attack.eps=8/255`, as papers write radii
+            value = as_number(value)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         raise _fail(where, value, tp)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from harness.core.errors import UserError
+from harness.core.numbers import as_number
 
 NORMS = ("Linf", "L2")
 # Float slack when checking a returned example: attacks work in float32, external checkers too.
@@ -34,10 +35,11 @@ class ThreatModel:
     eps: float = 0.3
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "eps", as_number(self.eps))  # "8/255" as papers write it
         if self.norm not in NORMS:
             raise UserError(f"threat.norm={self.norm!r} is not supported; use one of: {', '.join(NORMS)}")
         if not isinstance(self.eps, (int, float)) or isinstance(self.eps, bool) or not self.eps > 0:
-            raise UserError(f"threat.eps={self.eps!r} must be > 0; e.g. threat.eps=0.031 (8/255)")
+            raise UserError(f"threat.eps={self.eps!r} must be > 0; e.g. threat.eps=8/255 or 0.031")
         if not math.isfinite(self.eps):
             raise UserError(f"threat.eps={self.eps!r} must be a finite radius; e.g. threat.eps=0.5 for L2, 0.031 (8/255) for Linf")
         if self.norm == "Linf" and self.eps > 1:

@@ -229,7 +229,9 @@ def plan_evaluation(cfg: dict[str, Any], data: DatasetSplits | None = None, chec
     run = MemoryRun.for_config(semantic) if work_dir is None else RunDir.for_config(work_dir, "runs", semantic)
     return EvalPlan(cfg, data, ids, x, y, threat, slots, suite_name, semantic, run, device, seed, batch_size,
                     draws, cascade, extra={"unsharded_hash": stable_hash(unsharded), "shard": shard,
-                                           "first_batch": sl.start // batch_size}, notes=notes,
+                                           "first_batch": sl.start // batch_size,
+                                           **({"threat_eps_text": str(threat_cfg["eps_text"])} if threat_cfg.get("eps_text") else {})},
+                    notes=notes,
                                            eval_range=eval_range)
 
 

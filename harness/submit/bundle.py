@@ -25,13 +25,13 @@ import os
 import re
 import stat
 from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable
 
 import yaml
 
 from harness.core.errors import UserError
+from harness.core.numbers import as_number
 from harness.core.hashing import file_sha256
 
 CARD_NAME = "defense.yaml"
@@ -111,14 +111,8 @@ def _percent(path: str, v: Any) -> float:
 
 def _eps(path: str, v: Any) -> float:
     """A positive number, or a fraction string such as "8/255"."""
-    value: float | None = None
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
-        value = float(v)
-    elif isinstance(v, str):
-        try:
-            value = float(Fraction(v.strip()))
-        except (ValueError, ZeroDivisionError):
-            value = None
+    parsed = as_number(v)
+    value = float(parsed) if isinstance(parsed, (int, float)) and not isinstance(parsed, bool) else None
     if value is None or not value > 0 or not math.isfinite(value):
         raise CardError(path, f"must be a positive finite number or a fraction such as \"8/255\" (got {v!r})")
     return value

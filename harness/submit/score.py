@@ -519,8 +519,9 @@ def _load_data(cfg: dict[str, Any], opts: SubmitOptions) -> Any:
         return load_dataset(dict(cfg["dataset"]))
     except UserError as exc:
         if opts.data is None and cfg["dataset"].get("name") not in ("mnist5k", "digits"):
-            raise UserError(f"dataset {cfg['dataset']['name']!r} is not available offline here ({exc}); arena submit never "
-                            f"downloads: give its test split with --data FILE.npz") from None
+            reason = str(exc).split("; add dataset.download=true")[0]  # an `arena eval` option, not a submit one
+            raise UserError(f"{reason}; arena submit never downloads: give the test split with --data FILE.npz "
+                            f"(x uint8, y int64)") from None
         raise
 
 

@@ -86,7 +86,8 @@ def board_csv(name: str, edit: Callable[[str], str] = lambda text: text) -> Make
                 "robust_acc_majority": 50.0, "best_known_acc": 45.0, "forward_per_sample": 1.0, "backward_per_sample": 1.0,
                 "queries_per_sample": 0.0, "attack_time_s": 1.0, "train_time_s": 1.0, "train_passes": 10, "params": 10,
                 "violations": 0, "seed": 0, "randomized": False, "ensemble": False, "upper_bound": False,
-                "masking_suspected": False, "submission": False})
+                "masking_suspected": False, "submission": False, "transductive": False, "nonfinite_grad": 0,
+                "stateful_model": False, "certified_acc": float("nan")})
 
     def make(tmp: Path, stack) -> Path:
         path = tmp / name
@@ -160,7 +161,12 @@ CASES: list[tuple[str, Setup, str]] = [
     ("unknown suite", ev("suite=nope"), E + "unknown suite 'nope'; choose one of: "),
     ("unknown attack", ev("attack=nope"), E + "unknown attack 'nope'; choose one of: "),
     ("unknown option inside a sweep", ev("-m", "threat=linf,l1"), E + "unknown threat 'l1'; choose one of: l2, linf"),
-    ("unknown key", ev("nosuchkey=1"), "Could not override 'nosuchkey'. To append to your config use +nosuchkey=1"),
+    ("unknown key", ev("nosuchkey=1"), E + "nosuchkey is not a setting of the config; it has: batch_size, dataset, "),
+    ("misspelt key", ev("n_sample=5"), "; did you mean 'n_samples'?"),
+    ("misspelt attack parameter", ev("attack=pgd", "attack.stepz=5"),
+     E + "attack.stepz is not a setting of attack 'pgd'; it has: eot, loss, name, random_start, restarts, step_size, steps; "
+         "did you mean 'steps'?"),
+    ("a key nothing reads", ev("+foo=1"), E + "+foo adds a key nothing reads; the config has: "),
     ("unbalanced bracket", ev("seed=[1,2"), "no viable alternative at input '[1,2'; write key=value (lists as a,b for -m)"),
     ("override without a value", ev("seed"), "Error parsing override 'seed'; write key=value (lists as a,b for -m)"),
     ("sweep without -m", ev("seed=0,1"),
@@ -170,7 +176,8 @@ CASES: list[tuple[str, Setup, str]] = [
     ("text for an integer", ev("batch_size=abc"), E + "batch_size=abc must be an integer (default: 250)"),
     ("float for an integer", ev("seed=1.5"), E + "seed=1.5 must be an integer (default: 0)"),
     ("float offset", ev("offset=1.5"), E + "offset=1.5 must be an integer (default: 0)"),
-    ("text for a number", ev("threat.eps=8/255"), E + "threat.eps=8/255 must be a number (default: 0.3)"),
+    ("text for a number", ev("threat.eps=eight"), E + "threat.eps=eight must be a number or a fraction such as 8/255 (default: 0.3)"),
+    ("a fraction with a zero denominator", ev("threat.eps=8/0"), E + "threat.eps='8/0' must be > 0"),
     ("text for a boolean", ev("evaluator.cascade=maybe"), E + "evaluator.cascade=maybe must be true or false (default: True)"),
     ("bad type inside a sweep", ev("-m", "attack=pgd", "attack.steps=10,many"), E + "attack.steps=many must be an integer (default: 20)"),
     ("broken interpolation", ev("shard=${{nope}}"),
@@ -356,6 +363,10 @@ CASES: list[tuple[str, Setup, str]] = [
      B + "--sort 'nope' is not a column; choose one of: " + CHOOSE),
     ("show a missing column", cmd("board", "--csv", "{f}", "--columns", "defense,nope", files={"f": board_csv("ok.csv")}),
      B + "--columns ['nope'] not in the leaderboard; choose from: " + CHOOSE),
+    ("matrix on the evasion board", cmd("board", "--csv", "{f}", "--matrix", files={"f": board_csv("ok.csv")}),
+     B + "--matrix shows the poisoning board's poison x defense matrix; use it with --track poisoning"),
+    ("a filter that matches nothing", cmd("board", "--csv", "{f}", "--suite", "nope", files={"f": board_csv("ok.csv")}),
+     B + "--suite 'nope' matches no row of this leaderboard; it has: x"),
     ("ascending without a column", cmd("board", "--csv", "{f}", "--ascending", files={"f": board_csv("ok.csv")}),
      B + "--ascending needs --sort COLUMN"),
     ("filter that does not apply", cmd("board", "--track", "poisoning", "--threat", "x"),
