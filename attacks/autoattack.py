@@ -203,7 +203,24 @@ class _ReferenceLog:
             progress.substage(self.current, sum(self.robust), len(self.robust))
 
     def _locate(self, x_in: torch.Tensor, y_in: torch.Tensor) -> list[int] | None:
-        """Indices of the chunk's rows: the next still-robust samples with equal image and label."""
+        """Indices of the chunk's rows: the next still-robust samples with equal image and label.
+
+        The reference hands the still-robust samples in index order, so the next `len(x_in)` of
+        them are checked at once (one host sync per chunk); only if they differ is the chunk
+        located row by row.
+        """
+        rows = int(x_in.shape[0])
+        nxt = [p for p in range(self.cursor, len(self.labels)) if self.robust[p]][:rows]
+        if rows and len(nxt) == rows:
+            want = torch.as_tensor(nxt, device=self.x.device)
+            same = (x_in.reshape(rows, -1) == self.x[want].reshape(rows, -1)).all(1) & (y_in.to(self.y.device) == self.y[want])
+            if bool(same.all()):
+                self.cursor = nxt[-1] + 1
+                return nxt
+        return self._locate_rows(x_in, y_in)
+
+    def _locate_rows(self, x_in: torch.Tensor, y_in: torch.Tensor) -> list[int] | None:
+        """`_locate` row by row: each row matched to the next still-robust sample equal to it."""
         ids, p, n = [], self.cursor, len(self.labels)
         for row, label in zip(x_in, y_in.tolist()):
             while p < n and not (self.robust[p] and self.labels[p] == label and torch.equal(row, self.x[p])):
