@@ -84,6 +84,18 @@ class AutoAttackRef(Attack):
         if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
             raise UserError(f"autoattack batch_size={chunk!r} must be a positive integer (the reference uses 250) or null")
 
+    def supports_amp(self) -> bool:
+        """Under autocast only when every component is an APGD (gradient steps); FAB's projections and
+        Square's score differences stay in float32."""
+        return all(c.startswith("apgd") for c in self.components())
+
+    def components(self) -> list[str]:
+        """The reference's components this configuration runs, in order."""
+        if self.version == "custom":
+            return list(self.attacks or [])
+        return {"standard": ["apgd-ce", "apgd-t", "fab-t", "square"], "rand": ["apgd-ce", "apgd-dlr"],
+                "plus": ["apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"]}[self.version]
+
     def _build(self, model: torch.nn.Module, threat: ThreatModel, seed: int, device: torch.device, num_classes: int) -> Any:
         from pyautoattack import AutoAttack
 
