@@ -83,3 +83,31 @@ def format_paired(d: dict[str, Any]) -> str:
     lo, hi = d["ci"]
     return (f"{100 * d['diff']:+.1f} pp [{100 * lo:+.1f}, {100 * hi:+.1f}] "
             f"({d['only_a']} vs {d['only_b']}, p={d['p_value']:.2g})")
+
+
+def interleaved(runs: dict[str, Any], rounds: int) -> dict[str, list[tuple[float, float]]]:
+    """Time each callable `rounds` times, interleaved (the order rotates every round, so drift and
+    warm caches hit every variant alike): per variant a list of (wall s, process CPU s)."""
+    names = list(runs)
+    out: dict[str, list[tuple[float, float]]] = {k: [] for k in names}
+    for r in range(rounds):
+        for k in names[r % len(names):] + names[: r % len(names)]:
+            w0, c0 = time.perf_counter(), time.process_time()
+            runs[k]()
+            out[k].append((time.perf_counter() - w0, time.process_time() - c0))
+    return out
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """min / median / max of a list of measurements."""
+    import statistics
+
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def load_average() -> list[float]:
+    """The 1/5/15-minute load averages (benchmarks record them: a timing is only as good as the quiet)."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return []

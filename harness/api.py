@@ -263,7 +263,9 @@ def _eval_mode(model: Any) -> Iterator[None]:
 
 def compose_config(overrides: list[str], config_name: str = "eval") -> dict[str, Any]:
     """The resolved config `arena <config_name> overrides...` would run with."""
-    validate_overrides(config_name, overrides)
+    composed = validate_overrides(config_name, overrides)
+    if len(composed) == 1:  # nothing swept: the checked composition is the config
+        return to_plain(composed[0])
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return to_plain(compose(config_name=config_name, overrides=overrides))
 

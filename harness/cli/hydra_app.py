@@ -60,8 +60,11 @@ def _override_values(override: Any) -> list[Any]:
 
 
 def validate_overrides(config_name: str, overrides: list[str], multirun: bool = True,
-                       precheck: Callable[[DictConfig], None] | None = None) -> None:
+                       precheck: Callable[[DictConfig], None] | None = None) -> list[DictConfig]:
     """Raise `UserError` for any override Hydra would reject, one line each (`multirun`: -m given).
+
+    Returns the composed config of every combination checked (the first is the overrides' own
+    config when nothing is swept), so a caller need not compose it again.
 
     `precheck(cfg)` (e.g. planning the evaluation) runs on every composed combination as well, so
     a bad value anywhere in a sweep is refused before Hydra writes its sweep directory.
@@ -101,6 +104,7 @@ def validate_overrides(config_name: str, overrides: list[str], multirun: bool = 
             combo[len(bases) + i] = f"{s.get_key_element()}={_fmt(v)}"
             combos.append(combo)
     defaults_cache: dict[tuple[str, ...], Any] = {}
+    composed: list[DictConfig] = []
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         for combo in combos:
             try:
@@ -109,7 +113,7 @@ def validate_overrides(config_name: str, overrides: list[str], multirun: bool = 
                 if groups not in defaults_cache:
                     defaults_cache[groups] = compose(config_name=config_name, overrides=list(groups))
                 _check_keys(defaults_cache[groups], items)  # our line (with "did you mean"), before Hydra's `+key` advice
-                compose(config_name=config_name, overrides=combo)
+                composed.append(compose(config_name=config_name, overrides=combo))
                 # values must have the type of the default they replace (no traceback deep in a job)
             except UserError:
                 raise
@@ -118,8 +122,9 @@ def validate_overrides(config_name: str, overrides: list[str], multirun: bool = 
                 raise UserError(f"bad override in {' '.join(combo)!r}: {msg[:300]}") from None
             _check_types(defaults_cache[groups], items)
         if precheck is not None:
-            for combo in combos:
-                precheck(compose(config_name=config_name, overrides=combo))
+            for cfg in composed:
+                precheck(cfg)
+    return composed
 
 
 _UNSET = object()
@@ -136,10 +141,10 @@ def _check_keys(defaults: DictConfig, items: list[Any]) -> None:
         key = ov.key_or_group
         if ov.is_delete() or key.startswith("hydra") or (CONF_DIR / key).is_dir() or ov.package is not None:
             continue
-        if OmegaConf.select(defaults, key, default=_UNSET, throw_on_missing=False) is not _UNSET:
-            continue
         parent, _, leaf = key.rpartition(".")
         node = OmegaConf.select(defaults, parent, default=_UNSET, throw_on_missing=False) if parent else defaults
+        if OmegaConf.is_dict(node) and leaf in list(node.keys()):  # present (a mandatory `???` value too: `in` says no)
+            continue
         if ov.is_add() and parent and OmegaConf.is_dict(node):
             continue  # +group.param=...: the plugin's own check decides
         if not OmegaConf.is_dict(node):
