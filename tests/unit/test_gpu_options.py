@@ -12,6 +12,9 @@ is visible, on CUDA (the `cuda` variants: bench/gpu_check.sh runs them).
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +26,7 @@ from harness.api import run_eval
 from harness.core.device import AUTO_BATCH_CAP, fit_batch_size, largest_fitting
 from harness.evasion import cascade
 
-from helpers import DEVICES, trained_small_cnn
+from helpers import DEVICES, REPO, trained_small_cnn
 
 EPS = 0.1
 
@@ -199,3 +202,23 @@ def test_batch_size_auto_probes_the_gpu(cnn, digits):
     cnn.to("cpu")
     assert 16 <= size <= min(2000, AUTO_BATCH_CAP) and facts["batch_size_probe_peak_bytes"]
     assert fit_batch_size(cnn, digits.test_x[:4].float(), 100, torch.device("cpu"))[0] == 250
+
+
+# ------------------------------------------------------------------------------ the device check
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is what a machine without CUDA gets")
+def test_gpu_check_refuses_without_cuda_in_one_line():
+    results = REPO / "bench" / "results" / "gpu.json"
+    before = results.stat().st_mtime_ns if results.exists() else None
+    done = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip().splitlines() == ["gpu_check: no CUDA device is visible (torch.cuda.is_available() is False); "
+                                                "run it on a machine with a CUDA GPU"]
+    assert (results.stat().st_mtime_ns if results.exists() else None) == before  # nothing written
+
+
+def test_bench_gpu_checks_its_arguments_before_anything_else():
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "bench_gpu.py"), "--parts", "pgd,nope"],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 2 and "error: --parts='pgd,nope': use a comma-separated subset of tests,pgd,lafeat,syncs" in done.stderr
