@@ -55,7 +55,10 @@ class _OracleRouter:
             # and a disagreement is flagged on the device and raised after the run (`check`)
             active = self.margin_min > 0.0
             self.drift |= active.sum() != rows.shape[0]
-            pos = torch.nonzero_static(active, size=rows.shape[0], fill_value=0).flatten()
+            try:
+                pos = torch.nonzero_static(active, size=rows.shape[0], fill_value=0).flatten()
+            except NotImplementedError:  # torch < 2.6 has no CUDA kernel for it: one sync per call there
+                pos = active.nonzero().flatten()[: rows.shape[0]]
         logits = log_scores(self.oracle(rows, self.samples[pos]), self.oracle.output)
         y = self.y[pos]
         u = torch.arange(rows.shape[0], device=rows.device)
