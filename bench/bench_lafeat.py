@@ -199,7 +199,7 @@ def table(results: dict[str, dict[str, Any]]) -> str:
             r = res.get(method)
             if r is None:
                 continue
-            same = aa is not None and aa.get("images") == r.get("images")
+            same = aa is not None and aa.get("images") is not None and aa.get("images") == r.get("images")
             fwd, bwd, head = r["forward"] / r["n"], r["backward"] / r["n"], r.get("prepare_forward", 0) / r["n"]
             ratio = f"{bwd / (aa['backward'] / aa['n']):.1%}" if same else "-"
             diff = format_paired(paired_difference(r["robust_mask"], aa["robust_mask"])) if same and method != "autoattack" else "-"
@@ -255,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.render_only:
         stored = json.loads((RESULTS / "lafeat.json").read_text())
+        drop_old_protocol(stored)
+        (RESULTS / "lafeat.json").write_text(strict_dumps(stored, indent=1) + "\n")
         _render(stored)
         print(table(stored["results"]))
         return 0
@@ -275,10 +277,23 @@ def main(argv: list[str] | None = None) -> int:
         stored = json.loads(json_path.read_text()) if json_path.is_file() and not args.fresh else {"results": {}, "runs": []}
         for name, res in fresh.items():
             stored["results"].setdefault(name, {}).update(res)
+        drop_old_protocol(stored)
         _store(stored, json_path, args, argv, load_start, os.getloadavg(), time.perf_counter() - start)
     md = table(stored["results"])
     print(md)
     return 0
+
+
+def drop_old_protocol(stored: dict[str, Any]) -> None:
+    """Entries without `images` were measured before this bench paired its methods (head on the
+    evaluated images, AutoAttack on fewer images): they cannot be paired with anything, so they go."""
+    for name in list(stored["results"]):
+        old = [m for m, r in stored["results"][name].items() if r.get("images") is None]
+        for m in old:
+            print(f"dropping {name}/{m}: measured under the earlier, unpaired protocol (no image range recorded)")
+            del stored["results"][name][m]
+        if not stored["results"][name]:
+            del stored["results"][name]
 
 
 def _store(stored: dict[str, Any], json_path: Path, args: argparse.Namespace, argv: list[str] | None,

@@ -38,9 +38,14 @@ def fully_fooled(score: torch.Tensor) -> torch.Tensor:
 
 
 class BestIterate:
-    """Per sample, the most fooled iterate offered so far: highest verdict score, ties to higher loss.
+    """Per sample, the most fooled iterate offered so far: highest verdict score, ties to higher loss,
+    and a full tie to the later iterate.
 
-    Starts at `x` with score -1 (below any real score), so the first offer always replaces it.
+    The later iterate wins a full tie so that a model whose answers do not change as the attack
+    moves (a stateful model replaying remembered logits, a flat region) gets the attack's last
+    point, not its first: the point the gradient actually reached, which a fresh-process verdict
+    can then judge. Starts at `x` with score -1 (below any real score), so the first offer always
+    replaces it.
     Everything stays on the device; no host synchronisation.
     """
 
@@ -63,7 +68,7 @@ class BestIterate:
             kept_x, kept_score, kept_loss = self.x, self.score, self.loss
         else:
             kept_x, kept_score, kept_loss = self.x[idx], self.score[idx], self.loss[idx]
-        better = (score > kept_score) | ((score == kept_score) & (loss > kept_loss))
+        better = (score > kept_score) | ((score == kept_score) & (loss >= kept_loss))
         new_x = torch.where(better.view(self._view), x_it.detach(), kept_x)
         new_score = torch.where(better, score, kept_score)
         new_loss = torch.where(better, loss, kept_loss)
