@@ -16,7 +16,8 @@ skipped with a note once `--budget-s` is spent:
    with `evaluator.amp=bfloat16` (its verdict stays float32) as a third variant.
 3. lafeat: LAFEAT (the budgeted untargeted + targeted configuration of bench/bench_lafeat.py) vs
    AutoAttack standard (the reference, `suite=standard`) on the ../shared ResNet-2B at L-inf 2/255,
-   first `--lafeat-n` images, LAFEAT's head trained on images 500..999 (disjoint): robust accuracy
+   first `--lafeat-n` images, LAFEAT's head trained on the rest of the file (images n..999, disjoint,
+   as bench/bench_lafeat.py does): robust accuracy
    of each, the paired difference with McNemar's exact interval (bench/_common.paired_difference),
    image-passes (head included) and wall time.
 4. syncs: the host-sync counts of every attack (tests/unit/test_no_host_sync.py's cases, k and 2k
@@ -62,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--n", type=int, default=1000, help="pgd: first N CIFAR-10 test images (<= 1000)")
     ap.add_argument("--batch", type=int, default=500, help="pgd: evaluated images per batch")
     ap.add_argument("--rounds", type=int, default=5, help="pgd: interleaved rounds (>= 5 for a reported ratio)")
-    ap.add_argument("--lafeat-n", type=int, default=200, help="lafeat: first N images (<= 500: the head trains on 500..999)")
+    ap.add_argument("--lafeat-n", type=int, default=200, help="lafeat: first N images (<= 500; the head trains on N..999)")
     ap.add_argument("--budget-s", type=float, default=450.0, help="skip the remaining parts once this much time is spent")
     ap.add_argument("--device", default="cuda", help="the CUDA device to check (cuda or cuda:N)")
     args = ap.parse_args(argv)
@@ -200,11 +201,12 @@ def part_lafeat(args: argparse.Namespace, device: torch.device) -> dict[str, Any
     base = ["dataset=npz", f"dataset.path={data}", f"n_samples={args.lafeat_n}", "defense=checkpoint",
             f"defense.model_file={folder / 'model.py'}", f"defense.weights={folder / 'weights.pth'}",
             f"threat.eps={EPS_LAFEAT!r}", f"device={device}", "batch_size=500", "progress=false", "leaderboard.update=false"]
+    head = [f"attack.head_holdout={1000 - args.lafeat_n}"]  # the head trains on images n..999, never on the reported ones
     lafeat = [f"attack.{k}={v}" for k, v in LAFEAT.items() if k != "name"]  # lists print as [0.4]
     out: dict[str, Any] = {"n": args.lafeat_n, "eps": EPS_LAFEAT, "lafeat": LAFEAT}
     masks = {}
     with tempfile.TemporaryDirectory() as wd:
-        for label, overrides in (("lafeat", ["attack=lafeat", *lafeat]), ("autoattack", ["suite=standard"])):
+        for label, overrides in (("lafeat", ["attack=lafeat", *lafeat, *head]), ("autoattack", ["suite=standard"])):
             start = time.perf_counter()
             summary = run_eval([*base, *overrides], Path(wd) / label)
             ids, mask, cost = _robust_mask(Path(summary["run_dir"]))
@@ -281,7 +283,7 @@ def markdown(payload: dict[str, Any]) -> str:
     if "lafeat" in parts:
         lf = parts["lafeat"]
         md += ["## LAFEAT vs AutoAttack (ResNet-2B, L-inf 2/255)", "",
-               f"First {lf['n']} CIFAR-10 test images; LAFEAT's head trained on images 500..999 (disjoint), its passes "
+               f"First {lf['n']} CIFAR-10 test images; LAFEAT's head trained on images {lf['n']}..999 (disjoint), its passes "
                f"included.", "", "| attack | clean | robust | forward passes | backward passes | wall s |", "|---|---|---|---|---|---|"]
         for k in ("lafeat", "autoattack"):
             r = lf[k]
