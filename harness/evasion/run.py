@@ -142,14 +142,15 @@ class _Prepared:
         probe = to_unit(plan.x[: min(8, plan.x.shape[0])], plan.device)
         check_classifier(clf, probe, dataset=plan.data.name, max_label=int(plan.data.test_y.max()))
         snapshot = run_snapshot(clf)  # the judge's private copy: compared before and after every attack stage
-        if plan.batch_auto and "batch_size_resolved" not in plan.extra:  # probed now, on the device
+        probed = plan.batch_auto and "batch_size_resolved" not in plan.extra
+        if probed:  # batch_size=auto on CUDA: probed now, on the device
             size, facts = fit_batch_size(clf.differentiable, to_unit(plan.x[:64], plan.device),
                                          min(int(plan.x.shape[0]), AUTO_BATCH_CAP), plan.device, plan.amp, DEFAULT_BATCH)
             plan.batch_size = size
             plan.extra.update(batch_size_resolved=size, **facts)
         with torch.no_grad():
             clf.module(probe)
-        err = model_self_changes(snapshot, "a forward pass on the contract probe (and the batch_size=auto probe)")
+        err = model_self_changes(snapshot, "a forward pass on the contract probe" + (" and the batch_size=auto probe" if probed else ""))
         if err is not None:
             raise err
         model_key = module_hash(clf.module)

@@ -72,9 +72,12 @@ def watch_verdicts(monkeypatch, model: Watched) -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_pgd_evaluation_end_to_end_on_each_device(tmp_path, device):
-    args = ["dataset=digits", "n_samples=60", "batch_size=30", "defense.train.epochs=2", "attack=pgd",
-            "attack.steps=10", "threat.eps=0.2"]
+def test_pgd_evaluation_end_to_end_on_each_device(cnn, tmp_path, device):
+    """`arena eval`'s path on the device, with a checkpoint trained on the CPU (so that both devices
+    evaluate the same weights; the device is not part of the run's hash, hence one work dir each)."""
+    torch.save(cnn.state_dict(), tmp_path / "w.pt")
+    args = ["dataset=digits", "n_samples=60", "batch_size=30", "defense=checkpoint", "model=small_cnn", "model.width=8",
+            "model.hidden=32", f"defense.weights={tmp_path / 'w.pt'}", "attack=pgd", "attack.steps=10", "threat.eps=0.2"]
     summary = run_eval([*args, f"device={device}"], tmp_path / device)
     manifest = json.loads((Path(summary["run_dir"]) / "manifest.json").read_text())
     assert manifest["device"].startswith(device)
@@ -82,7 +85,7 @@ def test_pgd_evaluation_end_to_end_on_each_device(tmp_path, device):
     if device != "cpu":  # the same evaluation on the CPU: the same verdicts up to float rounding at the boundary
         cpu = run_eval([*args, "device=cpu"], tmp_path / "cpu")
         assert abs(cpu["clean_acc"] - summary["clean_acc"]) <= 1 / 60 + 1e-9
-        assert abs(cpu["robust_acc"] - summary["robust_acc"]) <= 3 / 60 + 1e-9
+        assert abs(cpu["robust_acc"] - summary["robust_acc"]) <= 5 / 60 + 1e-9
 
 
 @pytest.mark.parametrize("device", DEVICES)
