@@ -39,6 +39,7 @@ RESULTS = REPO / "bench" / "results"
 # default 8/16, which is what a shared 2-core CPU can decide within a minute per sample
 COMMON = ["dataset=mnist5k", "model=conv_small", "model.channels=[4,8]", "seed=0", "device=cpu"]
 ADAM = ["defense.train.optimizer=adam", "defense.train.lr=0.001", "defense.train.weight_decay=0.0"]
+CHANNELS = [int(c) for c in next(o for o in COMMON if o.startswith("model.channels=")).split("=")[1].strip("[]").split(",")]
 MODELS: dict[str, list[str]] = {
     "standard": ["defense=standard"],
     # the default SGD recipe (lr 0.05) collapsed this small network to one class; Adam at 1e-3 trains
@@ -72,7 +73,7 @@ def one_setting(name: str, n: int, time_limit: float, work: Path) -> dict[str, A
         summary = run_eval([*base, *extra], work, update_board=True)
         runs[label] = (summary, records(summary), time.perf_counter() - start)
         print(f"{name:16s} {label:10s} clean {summary['clean_acc']:.3f} robust {summary['robust_acc']:.3f} "
-              f"certified {summary.get('certified_acc', float('nan')):.3f}  {runs[label][2]:.0f}s", flush=True)
+              f"certified {summary.get('certified_acc') if summary.get('certified_acc') is not None else float('nan'):.3f}  {runs[label][2]:.0f}s", flush=True)
     ex = runs["exact"][1]
     ex = ex[(ex.attack == "exact") & ex.ran].set_index("sample_id")
     q_broken, aa_broken = broken(runs["quick"][1]), broken(runs["autoattack"][1])
@@ -111,13 +112,18 @@ def one_setting(name: str, n: int, time_limit: float, work: Path) -> dict[str, A
     }
 
 
-def pct(v: float) -> str:
-    return "-" if v != v else f"{100 * v:.1f}%"
+def pct(v: float | None) -> str:
+    return "-" if v is None or v != v else f"{100 * v:.1f}%"
+
+
+def sec(v: float | None, digits: int = 2) -> str:
+    """Seconds, '-' when unknown (NaN in memory, null in exact.json)."""
+    return "-" if v is None or v != v else f"{v:.{digits}f}"
 
 
 def markdown(res: dict[str, Any], board: pd.DataFrame | None) -> str:
     lines = ["# attack=exact: MIP decisions on the small MNIST network (bench/bench_exact.py)", "",
-             "`model=conv_small` (conv 8 4x4/2, conv 16 4x4/2, dense 100, ReLU, no pooling), trained by the harness on "
+             f"`model=conv_small` (conv {CHANNELS[0]} 4x4/2, conv {CHANNELS[1]} 4x4/2, dense 100, ReLU, no pooling), trained by the harness on "
              "mnist5k's 4,000 training digits; the first n mnist5k test digits; L-inf. Three runs per row on the same samples: "
              "`suite=quick`, `suite=standard` (AutoAttack) and `attack=exact` (HiGHS MIP, per-sample time limit). "
              "Times are wall-clock seconds per sample **measured under load** (a shared 2-core CPU, other jobs running). "
@@ -133,7 +139,8 @@ def markdown(res: dict[str, Any], board: pd.DataFrame | None) -> str:
             f"| {pct(r['certified_acc'])} | {r['adversarial']} / {r['certified']} / {r['unknown']} | {pct(r['decided'])} "
             f"| {r['exact_not_quick_not_aa']} (by the MIP: {r['mip_not_quick_not_aa']}; not AA: {r['exact_not_aa']}; "
             f"not quick: {r['exact_not_quick']}) "
-            f"| {r['time_median']:.2f} / {r['time_mean']:.2f} / {r['time_max']:.1f} ({r['time_median_adv']:.2f}, {r['time_median_cert']:.2f}) |")
+            f"| {sec(r['time_median'])} / {sec(r['time_mean'])} / {sec(r['time_max'], 1)} ({sec(r['time_median_adv'])}, "
+            f"{sec(r['time_median_cert'])}) |")
     lines += ["", "Soundness checks on the same samples (each must be 0): certified by exact but broken by quick or AA: "
               + ", ".join(f"{k} {r['certified_but_broken']}" for k, r in res["settings"].items())
               + ". Broken by quick or AA but not by exact, all of them exact-`unknown` (time limit): "
@@ -155,7 +162,13 @@ def main() -> None:
     ap.add_argument("--time-limit", type=float, default=60.0)
     ap.add_argument("--settings", nargs="*", choices=sorted(SETTINGS), default=sorted(SETTINGS))
     ap.add_argument("--work", default="/tmp/robustarena-bench-exact", help="arena work dir (runs, checkpoints)")
+    ap.add_argument("--render-only", action="store_true", help="rewrite exact.md from exact.json (and the work dir's board)")
     args = ap.parse_args()
+    if args.render_only:
+        res = json.loads((RESULTS / "exact.json").read_text())
+        board_path = Path(args.work) / "leaderboard" / "evasion.csv"
+        atomic_write_text(RESULTS / "exact.md", markdown(res, pd.read_csv(board_path) if board_path.is_file() else None))
+        return
     threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
     work = Path(args.work)
     start = time.perf_counter()
