@@ -84,6 +84,18 @@ class AutoAttackRef(Attack):
         if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
             raise UserError(f"autoattack batch_size={chunk!r} must be a positive integer (the reference uses 250) or null")
 
+    def supports_amp(self) -> bool:
+        """Under autocast only when every component is an APGD (gradient steps); FAB's projections and
+        Square's score differences stay in float32."""
+        return all(c.startswith("apgd") for c in self.components())
+
+    def components(self) -> list[str]:
+        """The reference's components this configuration runs, in order."""
+        if self.version == "custom":
+            return list(self.attacks or [])
+        return {"standard": ["apgd-ce", "apgd-t", "fab-t", "square"], "rand": ["apgd-ce", "apgd-dlr"],
+                "plus": ["apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"]}[self.version]
+
     def _build(self, model: torch.nn.Module, threat: ThreatModel, seed: int, device: torch.device, num_classes: int) -> Any:
         from pyautoattack import AutoAttack
 
@@ -203,7 +215,24 @@ class _ReferenceLog:
             progress.substage(self.current, sum(self.robust), len(self.robust))
 
     def _locate(self, x_in: torch.Tensor, y_in: torch.Tensor) -> list[int] | None:
-        """Indices of the chunk's rows: the next still-robust samples with equal image and label."""
+        """Indices of the chunk's rows: the next still-robust samples with equal image and label.
+
+        The reference hands the still-robust samples in index order, so the next `len(x_in)` of
+        them are checked at once (one host sync per chunk); only if they differ is the chunk
+        located row by row.
+        """
+        rows = int(x_in.shape[0])
+        nxt = [p for p in range(self.cursor, len(self.labels)) if self.robust[p]][:rows]
+        if rows and len(nxt) == rows:
+            want = torch.as_tensor(nxt, device=self.x.device)
+            same = (x_in.reshape(rows, -1) == self.x[want].reshape(rows, -1)).all(1) & (y_in.to(self.y.device) == self.y[want])
+            if bool(same.all()):
+                self.cursor = nxt[-1] + 1
+                return nxt
+        return self._locate_rows(x_in, y_in)
+
+    def _locate_rows(self, x_in: torch.Tensor, y_in: torch.Tensor) -> list[int] | None:
+        """`_locate` row by row: each row matched to the next still-robust sample equal to it."""
         ids, p, n = [], self.cursor, len(self.labels)
         for row, label in zip(x_in, y_in.tolist()):
             while p < n and not (self.robust[p] and self.labels[p] == label and torch.equal(row, self.x[p])):

@@ -23,6 +23,7 @@ class FGSM(Attack):
     """Fast gradient sign method. `step_size` is a fraction of eps (1.0 = the whole radius)."""
 
     requires = Capability.GRADIENTS
+    amp_safe = True  # sign / normalised steps of input gradients: autocast-safe (evaluator.amp)
 
     step_size: float = 1.0
     loss: str = "ce"  # ce | margin | dlr

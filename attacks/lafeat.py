@@ -264,6 +264,7 @@ class Lafeat(Attack):
     """
 
     requires = Capability.FEATURES
+    amp_safe = True  # sign / normalised steps of input gradients: autocast-safe (evaluator.amp)
 
     layer: str | None = None
     head: str = "conv"

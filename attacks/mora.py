@@ -144,6 +144,7 @@ class MORA(Attack):
     """
 
     requires = Capability.ENSEMBLE
+    amp_safe = True  # sign / normalised steps of input gradients: autocast-safe (evaluator.amp)
 
     n_iter: int = 100
     scales: list[float] = field(default_factory=lambda: [0.5, 0.0, 0.25, 0.75, 1.0])

@@ -39,6 +39,7 @@ class PGD(Attack):
     """
 
     requires = Capability.GRADIENTS
+    amp_safe = True  # sign / normalised steps of input gradients: autocast-safe (evaluator.amp)
 
     steps: int = 20
     step_size: float | None = None

@@ -6,8 +6,11 @@ samples whose best margin is still positive, in index order. `_OracleRouter` is 
 function: it mirrors Square's margin bookkeeping (the running minimum of y-margin per sample, which
 is exactly Square's `margin_min` with the margin loss) to know which samples the rows belong to,
 charges each row to its sample on the oracle, and fails loudly if a call's row count ever differs
-from the mirror's prediction. After the run, Square's own per-sample query counter is compared
-with the oracle's tally; they must match.
+from the mirror's prediction. The router finds the active samples without a host synchronisation
+(`nonzero_static` sized by Square's own row count; a disagreement is flagged on the device and
+raised once after the run), so per iteration only the oracle's budget check synchronises; Square's
+own loop (reference code) synchronises on its own. After the run, Square's own per-sample query
+counter is compared with the oracle's tally; they must match.
 
 Square draws its random squares from torch's global RNG; we seed it from the attack's generator
 inside `torch.random.fork_rng`, so the caller's global RNG state is untouched and a run is
@@ -38,17 +41,24 @@ class _OracleRouter:
         self.samples = samples  # batch-local sample index of each row Square was given
         self.y = y
         self.margin_min: torch.Tensor | None = None
+        # on-device flag: a call's row count differed from the mirror's active samples (read once, `check`)
+        self.drift = torch.zeros((), dtype=torch.bool, device=samples.device)
 
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:
         if self.margin_min is None:
             pos = torch.arange(self.samples.numel(), device=self.samples.device)
+            if rows.shape[0] != pos.numel():
+                raise RuntimeError(f"Square's first query has {rows.shape[0]} rows for {pos.numel()} samples: "
+                                   "the row-to-sample mapping does not match pyautoattack's SquareAttack")
         else:
-            pos = (self.margin_min > 0.0).nonzero().flatten()
-        if rows.shape[0] != pos.numel():
-            raise RuntimeError(
-                f"Square queried {rows.shape[0]} rows but {pos.numel()} samples are still active: "
-                "the row-to-sample mapping no longer matches pyautoattack's SquareAttack"
-            )
+            # the active samples without a host sync: Square's own row count says how many there are,
+            # and a disagreement is flagged on the device and raised after the run (`check`)
+            active = self.margin_min > 0.0
+            self.drift |= active.sum() != rows.shape[0]
+            try:
+                pos = torch.nonzero_static(active, size=rows.shape[0], fill_value=0).flatten()
+            except NotImplementedError:  # torch < 2.6 has no CUDA kernel for it: one sync per call there
+                pos = active.nonzero().flatten()[: rows.shape[0]]
         logits = log_scores(self.oracle(rows, self.samples[pos]), self.oracle.output)
         y = self.y[pos]
         u = torch.arange(rows.shape[0], device=rows.device)
@@ -62,6 +72,12 @@ class _OracleRouter:
             improved = ((margin < cur) | (margin <= 0.0)).float()
             self.margin_min[pos] = improved * margin + (1.0 - improved) * cur
         return logits.clone()
+
+    def check(self) -> None:
+        """Raise if any call's rows did not match the mirror's active samples (one host sync)."""
+        if bool(self.drift):
+            raise RuntimeError("Square queried a number of rows that differs from the samples still active: "
+                               "the row-to-sample mapping no longer matches pyautoattack's SquareAttack")
 
 
 @register("square")
@@ -105,6 +121,7 @@ class Square(Attack):
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             n_queries, adv = sq.attack_single_run(x[samples], y[samples])
+        router.check()
         tally = oracle.queries[samples]
         if not torch.equal(n_queries.to(tally.device).long(), tally):
             raise RuntimeError("Square's own query count differs from the oracle's tally")

@@ -203,8 +203,8 @@ def _threat_overrides(norm: str, eps: float | str) -> list[str]:
     return [f"threat.norm={norm}", f"threat.eps={float(value)!r}"]
 
 
-def _prepare(model: nn.Module, x: Any, y: Any, *, norm: str, eps: float, seed: int, batch_size: int,
-             device: str | torch.device | None, draws: int, cascade: bool, randomized: bool,
+def _prepare(model: nn.Module, x: Any, y: Any, *, norm: str, eps: float, seed: int, batch_size: int | str,
+             device: str | torch.device | None, draws: int, cascade: bool, amp: bool | str, randomized: bool,
              num_classes: int | None, work_dir: str | Path | None, name: str | None, progress: bool,
              suite_overrides: list[str]) -> tuple[dict[str, Any], DatasetSplits, Classifier]:
     """The composed config, the in-memory dataset and the classifier of one API call."""
@@ -225,9 +225,9 @@ def _prepare(model: nn.Module, x: Any, y: Any, *, norm: str, eps: float, seed: i
         raise UserError(f"y spans {lo}..{hi} but the model returns {k} classes; labels must be in 0..{k - 1}")
     clf = Classifier(model, k, tuple(images.shape[1:]), randomized=bool(randomized),
                      info={"model": model_name, "parameters": sum(p.numel() for p in model.parameters())})
-    cfg.update(seed=int(seed), batch_size=int(batch_size), device=dev, n_samples=None, offset=0,
+    cfg.update(seed=int(seed), batch_size=batch_size, device=dev, n_samples=None, offset=0,  # the plan checks batch_size
                work_dir=None if work_dir is None else str(work_dir), progress=bool(progress), save_adv=True)
-    cfg["evaluator"] = {"draws": int(draws), "cascade": bool(cascade)}
+    cfg["evaluator"] = {"draws": int(draws), "cascade": bool(cascade), "amp": amp}
     cfg["dataset"] = {"name": "arrays", "label": name, "num_classes": k}
     cfg["model"] = {"name": model_name}
     # the model's identity in the run hash: its class and weights (a resumed run must be the same model)
@@ -289,9 +289,9 @@ def run_eval(overrides: list[str], work_dir: Path | str, update_board: bool = Fa
 
 
 def evaluate(model: nn.Module, x: Any, y: Any, *, norm: str = "Linf", eps: float,
-             suite: str | Sequence[AttackSpec] = "quick", seed: int = 0, batch_size: int = 250,
+             suite: str | Sequence[AttackSpec] = "quick", seed: int = 0, batch_size: int | str = 250,
              device: str | torch.device | None = None, draws: int = 10, cascade: bool = True,
-             randomized: bool = False, num_classes: int | None = None, work_dir: str | Path | None = None,
+             amp: bool | str = False, randomized: bool = False, num_classes: int | None = None, work_dir: str | Path | None = None,
              name: str | None = None, progress: bool = False, verbose: bool = False) -> EvalResult:
     """Robust accuracy of `model` on (x, y) under a suite of attacks, per-sample worst case.
 
@@ -301,7 +301,9 @@ def evaluate(model: nn.Module, x: Any, y: Any, *, norm: str = "Linf", eps: float
         norm, eps: the threat model (`Linf` or `L2` ball of radius eps in [0, 1] pixel units).
         suite: a suite name (conf/suite: quick, standard = AutoAttack, ...) or a list of attack specs
             (a name such as "pgd" or "apgd_ce", or a mapping {"name": "pgd", "steps": 50, ...}).
-        seed, batch_size, draws, cascade: as `arena eval`'s seed, batch_size, evaluator.draws/cascade.
+        seed, batch_size, draws, cascade, amp: as `arena eval`'s seed, batch_size (a number or "auto"),
+            evaluator.draws / cascade / amp (False, "bfloat16" or "float16": the attacks' passes under
+            autocast where safe; the verdict stays float32; docs/gpu.md).
         device: where to run; default the model's device (a given device moves the model there).
         randomized: the model is random (EOT for gradient attacks, decisions over `draws` draws).
         num_classes: default: the width of the model's output.
@@ -317,7 +319,7 @@ def evaluate(model: nn.Module, x: Any, y: Any, *, norm: str = "Linf", eps: float
         raise UserError(f"suite={suite!r}: give a suite name (e.g. 'quick', 'standard') or a non-empty list of attacks")
     with _eval_mode(model):
         cfg, data, clf = _prepare(model, x, y, norm=norm, eps=eps, seed=seed, batch_size=batch_size, device=device,
-                                  draws=draws, cascade=cascade, randomized=randomized, num_classes=num_classes,
+                                  draws=draws, cascade=cascade, amp=amp, randomized=randomized, num_classes=num_classes,
                                   work_dir=work_dir, name=name, progress=progress, suite_overrides=suite_overrides)
         if not isinstance(suite, str):
             cfg["suite"] = {"name": "custom", "version": 1, "attacks": [_attack_spec(s) for s in suite]}
@@ -332,15 +334,15 @@ def adv_empty(data: DatasetSplits) -> dict[str, np.ndarray]:
 
 
 def attack(model: nn.Module, x: Any, y: Any, attack: AttackSpec, *, norm: str = "Linf", eps: float,
-           seed: int = 0, batch_size: int = 250, device: str | torch.device | None = None, draws: int = 10,
-           randomized: bool = False, num_classes: int | None = None, work_dir: str | Path | None = None,
+           seed: int = 0, batch_size: int | str = 250, device: str | torch.device | None = None, draws: int = 10,
+           amp: bool | str = False, randomized: bool = False, num_classes: int | None = None, work_dir: str | Path | None = None,
            progress: bool = False, verbose: bool = False, **params: Any) -> AttackOutput:
     """Run one attack (a registry name such as "pgd", a conf/attack preset, or a spec mapping) with
     `params` (e.g. steps=50) on every clean-correct sample; the harness verifies each result."""
     spec = _attack_spec({**({"name": attack} if isinstance(attack, str) else dict(attack)), **params})
     with _eval_mode(model):
         cfg, data, clf = _prepare(model, x, y, norm=norm, eps=eps, seed=seed, batch_size=batch_size, device=device,
-                                  draws=draws, cascade=True, randomized=randomized, num_classes=num_classes,
+                                  draws=draws, cascade=True, amp=amp, randomized=randomized, num_classes=num_classes,
                                   work_dir=work_dir, name=None, progress=progress, suite_overrides=[])
         cfg["attack"] = spec
         out = _run(cfg, data, clf, verbose)

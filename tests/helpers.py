@@ -24,6 +24,9 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("ARENA_SHARED") or REPO.parent / "shared")
 BUNDLES = REPO / "tests" / "bundles"
 CPU = torch.device("cpu")
+# the devices a device-agnostic test runs on: cuda only where a GPU is visible (marker `cuda`,
+# skipped otherwise by tests/conftest.py; bench/gpu_check.sh runs `-m cuda`)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
 
 def shared_path(*parts: str) -> Path:

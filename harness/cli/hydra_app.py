@@ -159,6 +159,10 @@ def _check_keys(defaults: DictConfig, items: list[Any]) -> None:
         raise UserError(f"{key} is not a setting of {where}; it has: {', '.join(names)}" + (f"; {hint}" if hint else ""))
 
 
+# settings that take a word besides their default's type (checked in full by the plan)
+ALSO_ACCEPTS = {"batch_size": ("auto",), "evaluator.amp": ("bfloat16", "float16", "bf16", "fp16", "half")}
+
+
 def _check_types(defaults: DictConfig, items: list[Any]) -> None:
     """`key=value` whose value cannot stand for the key's default (e.g. batch_size=abc) -> UserError.
 
@@ -174,6 +178,9 @@ def _check_types(defaults: DictConfig, items: list[Any]) -> None:
         default = OmegaConf.select(defaults, key, default=_UNSET, throw_on_missing=False)
         if value is None or default is None or default is _UNSET or (isinstance(value, str) and "${" in value):
             continue
+        words = ALSO_ACCEPTS.get(key, ())
+        if isinstance(value, str) and value.strip().lower() in words:
+            continue
         if isinstance(default, bool):
             ok, want = isinstance(value, bool), "true or false"
         elif isinstance(default, int):
@@ -188,6 +195,8 @@ def _check_types(defaults: DictConfig, items: list[Any]) -> None:
         else:
             ok, want = not isinstance(value, (list, dict)), "a single value"
         if not ok:
+            if words:
+                want += f" or {', '.join(words[:2]) if len(words) > 1 else words[0]}"
             shown = OmegaConf.to_container(default) if OmegaConf.is_config(default) else default
             raise UserError(f"{key}={_fmt(value)} must be {want} (default: {_fmt(shown)})")
 

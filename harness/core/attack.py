@@ -68,6 +68,14 @@ class Attack(Plugin, ABC):
 
     kind: ClassVar[str] = "attack"
     requires: ClassVar[Capability] = Capability.GRADIENTS
+    # Safe under mixed precision (`evaluator.amp`): its forward/backward passes may run in
+    # bfloat16/float16 autocast without changing what it computes beyond rounding. False keeps it in
+    # float32 (score differences, solvers, certificates). The harness's verdict is float32 always.
+    amp_safe: ClassVar[bool] = False
+
+    def supports_amp(self) -> bool:
+        """Whether this configuration may run under autocast (default: the class's `amp_safe`)."""
+        return self.amp_safe
 
     def prepare(self, ctx: PrepareContext) -> dict[str, Any]:
         """One-off work before the first batch (e.g. train a head). Returns facts to record.

@@ -18,6 +18,7 @@ by a void stage.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any, Callable
 
@@ -82,7 +83,8 @@ def correct_draws(clf: Classifier, x: torch.Tensor, y: torch.Tensor, draws: int,
     count = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
     first = None
     for _ in range(n):
-        out = clf.module(x)
+        with torch.autocast(x.device.type, enabled=False):  # the verdict is float32, whatever the caller's autocast
+            out = clf.module(x)
         problem = output_problem(out, x.shape[0], clf.num_classes)
         if problem is not None:
             raise UserError(f"{problem} ({where}); nothing of this batch is recorded and the run stops: "
@@ -92,6 +94,14 @@ def correct_draws(clf: Classifier, x: torch.Tensor, y: torch.Tensor, draws: int,
         count += (pred == y).long()
     assert first is not None
     return count, first
+
+
+def attack_precision(plan: EvalPlan, slot: AttackSlot) -> contextlib.AbstractContextManager:
+    """Autocast for the attack's own passes when `evaluator.amp` is on and the attack is safe under it
+    (`Attack.supports_amp`); float32 otherwise. Never around the verdict (`correct_draws`)."""
+    if plan.amp is None or not slot.attack.supports_amp():
+        return contextlib.nullcontext()
+    return torch.autocast(plan.device.type, dtype=plan.amp)
 
 
 def run_snapshot(clf: Classifier) -> ModelSnapshot:
@@ -190,7 +200,7 @@ def _run_stage(plan: EvalPlan, clf: Classifier, snapshot: ModelSnapshot, slot: A
     access = make_access(slot, clf, counter, m, device, ledger, draws=plan.draws)
     xa, ya, threat_given = xs.clone(), ys.clone(), ThreatModel(threat.norm, threat.eps)
     roots, unit = tally_roots(clf, access)
-    with PassTally(roots, m, device) as tally:
+    with PassTally(roots, m, device) as tally, attack_precision(plan, slot):
         start = time.perf_counter()
         out = slot.attack.run(access, xa, ya, threat_given, gen)
         elapsed = time.perf_counter() - start

@@ -60,6 +60,10 @@ class EvalPlan:
     extra: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # one-line warnings to print before the run
     eval_range: tuple[int, int] = (0, 0)  # [lo, hi) of the whole evaluation (all shards) in data.test_x
+    # batch_size=auto: `batch_size` is provisional (the default) until the run resolves it on the
+    # device (harness.core.device.fit_batch_size) or reads it back from the run's manifest
+    batch_auto: bool = False
+    amp: torch.dtype | None = None  # evaluator.amp: autocast dtype of the attacks' passes (never the verdict's)
 
 
 def _semantic_value(key: str, value: Any) -> Any:
@@ -157,6 +161,41 @@ def _check_board_path(board: Any) -> None:
     check_writable_dir(Path(str(path)).parent, key="leaderboard.path", value=path)
 
 
+DEFAULT_BATCH = 250  # what batch_size=auto resolves to on a CPU (and the config's default)
+
+
+def batch_setting(value: Any) -> int | None:
+    """`batch_size`: a positive integer, or `auto` (None here: resolved on the device by the run)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return None
+    try:
+        size = int_setting(value, "batch_size", DEFAULT_BATCH)
+    except UserError:
+        raise UserError(f"batch_size={_show(value)} must be a positive integer or auto "
+                        f"(e.g. batch_size={DEFAULT_BATCH} or batch_size=auto)") from None
+    if size <= 0:
+        raise UserError(f"batch_size={size} must be > 0 (e.g. batch_size={DEFAULT_BATCH}) or auto")
+    return size
+
+
+AMP_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "true": torch.bfloat16,
+              "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+def amp_setting(value: Any, device: torch.device) -> torch.dtype | None:
+    """`evaluator.amp`: false (float32 everywhere), true / bfloat16, or float16 (CUDA only)."""
+    if value is None or value is False or (isinstance(value, str) and value.strip().lower() in ("false", "off", "none", "")):
+        return None
+    key = "true" if value is True else str(value).strip().lower()
+    if key not in AMP_DTYPES:
+        raise UserError(f"evaluator.amp={_show(value)} is not a precision; use false, bfloat16 (or true) or float16")
+    dtype = AMP_DTYPES[key]
+    if dtype == torch.float16 and device.type != "cuda":
+        raise UserError(f"evaluator.amp=float16 needs a CUDA device (device={device.type}: CPU autocast runs "
+                        f"bfloat16); use evaluator.amp=bfloat16 or device=cuda")
+    return dtype
+
+
 SEED_MAX = 2**63 - 1  # torch.manual_seed and numpy's generators take any seed in 0..2**63-1
 
 
@@ -176,9 +215,11 @@ def plan_evaluation(cfg: dict[str, Any], data: DatasetSplits | None = None, chec
     `work_dir: null` the run is kept in memory (`harness.results.memory.MemoryRun`).
     """
     seed = seed_setting(cfg.get("seed", 0))
-    batch_size = int_setting(cfg.get("batch_size", 250), "batch_size", 250)
-    if batch_size <= 0:
-        raise UserError(f"batch_size={batch_size} must be > 0 (e.g. batch_size=250)")
+    fixed_batch = batch_setting(cfg.get("batch_size", DEFAULT_BATCH))
+    batch_size = fixed_batch if fixed_batch is not None else DEFAULT_BATCH
+    if fixed_batch is None and cfg.get("shard") not in (None, "", "null"):
+        raise UserError(f"shard={cfg.get('shard')!r} needs a fixed batch_size (shards are cut at batch boundaries, and "
+                        f"batch_size=auto resolves per machine); set batch_size={DEFAULT_BATCH} or another number")
     work_dir = None if cfg.get("work_dir", "arena-work") is None else Path(str(cfg.get("work_dir", "arena-work")))
     if work_dir is not None:  # None: an in-memory run (harness.evaluate), nothing written
         check_writable_dir(work_dir)
@@ -212,6 +253,7 @@ def plan_evaluation(cfg: dict[str, Any], data: DatasetSplits | None = None, chec
     cascade = ev.get("cascade", True)
     if not isinstance(cascade, bool):
         raise UserError(f"evaluator.cascade={_show(cascade)} must be true or false")
+    amp = amp_setting(ev.get("amp", False), device)
     semantic = {
         "dataset": {**semantic_part(cfg.get("dataset")), "eval_ids": eval_ids, "eval_data": eval_data},
         "model": semantic_part(cfg.get("model")),
@@ -220,9 +262,12 @@ def plan_evaluation(cfg: dict[str, Any], data: DatasetSplits | None = None, chec
         "attacks": [dict(s.spec, view=s.view) for s in slots],
         "threat": {"norm": threat.norm, "eps": threat.eps},
         "n_samples": cfg.get("n_samples"), "offset": offset,
-        "seed": seed, "batch_size": batch_size, "evaluator": {"draws": draws, "cascade": cascade},
+        "seed": seed, "batch_size": "auto" if fixed_batch is None else batch_size,
+        "evaluator": {"draws": draws, "cascade": cascade},
         "shard": shard,
     }
+    if amp is not None:  # part of the run's identity only when on (runs without it keep their hash)
+        semantic["evaluator"]["amp"] = str(amp).removeprefix("torch.")
     if cfg.get("submission"):  # how `arena submit` ran the model (isolation, re-judging): part of the run's identity
         semantic["submission"] = dict(cfg["submission"])
     unsharded = {**semantic, "shard": None}
@@ -231,7 +276,6 @@ def plan_evaluation(cfg: dict[str, Any], data: DatasetSplits | None = None, chec
                     draws, cascade, extra={"unsharded_hash": stable_hash(unsharded), "shard": shard,
                                            "first_batch": sl.start // batch_size,
                                            **({"threat_eps_text": str(threat_cfg["eps_text"])} if threat_cfg.get("eps_text") else {})},
-                    notes=notes,
-                                           eval_range=eval_range)
+                    notes=notes, eval_range=eval_range, batch_auto=fixed_batch is None, amp=amp)
 
 

@@ -30,6 +30,7 @@ import torch
 from harness.core.attack import PrepareContext
 from harness.core.classifier import Classifier
 from harness.core.contract import check_classifier
+from harness.core.device import AUTO_BATCH_CAP, fit_batch_size
 from harness.core.defense import BuildContext, build_defense
 from harness.core.hashing import module_hash, tensor_hash
 from harness.core import progress as progress_ui
@@ -38,9 +39,13 @@ from harness.data.training import to_unit
 from harness.evasion import adversarial as adv
 from harness.evasion.cascade import evaluate_batch, run_snapshot
 from harness.evasion.judge import ModelSnapshot, model_self_changes, void
-from harness.evasion.plan import EvalPlan, plan_evaluation
+from harness.evasion.plan import DEFAULT_BATCH, EvalPlan, plan_evaluation
 from harness.evasion.records import RECORD_COLUMNS, batch_meta, batch_problem, run_damage
 from harness.results.store import base_manifest
+
+
+def amp_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def summarize(samples: pd.DataFrame, plan: EvalPlan, clf_info: dict[str, Any], prep: dict[str, Any], wall_s: float) -> dict[str, Any]:
@@ -137,9 +142,15 @@ class _Prepared:
         probe = to_unit(plan.x[: min(8, plan.x.shape[0])], plan.device)
         check_classifier(clf, probe, dataset=plan.data.name, max_label=int(plan.data.test_y.max()))
         snapshot = run_snapshot(clf)  # the judge's private copy: compared before and after every attack stage
+        probed = plan.batch_auto and "batch_size_resolved" not in plan.extra
+        if probed:  # batch_size=auto on CUDA: probed now, on the device
+            size, facts = fit_batch_size(clf.differentiable, to_unit(plan.x[:64], plan.device),
+                                         min(int(plan.x.shape[0]), AUTO_BATCH_CAP), plan.device, plan.amp, DEFAULT_BATCH)
+            plan.batch_size = size
+            plan.extra.update(batch_size_resolved=size, **facts)
         with torch.no_grad():
             clf.module(probe)
-        err = model_self_changes(snapshot, "a forward pass on the contract probe")
+        err = model_self_changes(snapshot, "a forward pass on the contract probe" + (" and the batch_size=auto probe" if probed else ""))
         if err is not None:
             raise err
         model_key = module_hash(clf.module)
@@ -172,8 +183,14 @@ class _Prepared:
                 "sample_ids_hash": tensor_hash(plan.ids),
                 "dataset_name": plan.data.name,  # the npz file's stem (or label): the semantic config has its hash
                 "prepare": self.prep,  # e.g. LAFEAT head facts: data source, agreement, training passes
-                "attacks": {s.label: {"class": type(s.attack).__name__, "params": s.attack.describe(), "view": s.view}
+                "attacks": {s.label: {"class": type(s.attack).__name__, "params": s.attack.describe(), "view": s.view,
+                                      "amp": amp_name(plan.amp) if plan.amp is not None and s.attack.supports_amp() else None}
                             for s in plan.slots},
+                # mixed precision: which attacks ran their passes under autocast; the verdict is float32 always
+                "amp": None if plan.amp is None else {
+                    "dtype": amp_name(plan.amp), "verdict": "float32",
+                    "autocast": [s.label for s in plan.slots if s.attack.supports_amp()],
+                    "float32": [s.label for s in plan.slots if not s.attack.supports_amp()]},
                 **plan.extra,
                 **(self.manifest_extra or {}),
             }
@@ -185,6 +202,22 @@ class _Prepared:
         if self.manifest is not None:
             self.plan.run.write_manifest(self.manifest, log=self.log)
             self.manifest = None
+
+
+def resolve_stored_batch_size(plan: EvalPlan, run: Any) -> None:
+    """batch_size=auto: take the size this run resolved when it started (its manifest), so a resumed
+    run cuts the same batches on any machine; on a CPU a fresh run takes the default (250); on CUDA
+    a fresh run probes the GPU once the model is built (`_Prepared.get`)."""
+    if not plan.batch_auto:
+        return
+    stored = run.read_json("manifest.json") if run.path is not None else None
+    size = stored.get("batch_size_resolved") if isinstance(stored, dict) and stored.get("config_hash") == run.key else None
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        plan.batch_size = size
+        plan.extra.update(batch_size_resolved=size, batch_size_rule="as recorded when the run started (resumed)")
+    elif plan.device.type != "cuda":
+        plan.batch_size = DEFAULT_BATCH
+        plan.extra.update(batch_size_resolved=DEFAULT_BATCH, batch_size_rule=f"default on {plan.device.type}")
 
 
 def _resumable_batch(run: Any, b: int, want: dict[str, Any], ids: list[int], y: list[int],
@@ -245,7 +278,7 @@ def execute(cfg: dict[str, Any], overrides: list[str] | None = None, log: Callab
         return Outcome(run.read_json("summary.json") or {}, run, skipped=True)
     progress = bool(cfg.get("progress", True))
     n = plan.x.shape[0]
-    n_batches = (n + plan.batch_size - 1) // plan.batch_size
+    resolve_stored_batch_size(plan, run)
     first = int(plan.extra.get("first_batch", 0))  # global batch index: a shard seeds as the whole run
     labels = ["clean", *(s.label for s in plan.slots)]
     batches: list[pd.DataFrame] = []
@@ -253,9 +286,10 @@ def execute(cfg: dict[str, Any], overrides: list[str] | None = None, log: Callab
     with _cache_dir(cfg) as cache_dir:
         state = _Prepared(plan, cfg, cache_dir, log, classifier, overrides, manifest_extra, write_manifest=not done)
         if not done:
-            state.get()
+            state.get()  # resolves batch_size=auto on CUDA
         elif keep:
             log(f"[arena] run {run.key} already complete; reading its adversarial examples ({run.path})")
+        n_batches = (n + plan.batch_size - 1) // plan.batch_size
         if run.path is not None and not done:
             finished = sum(run.batch_path(b).is_file() for b in range(n_batches))
             if finished:
