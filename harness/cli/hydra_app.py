@@ -111,7 +111,7 @@ def validate_overrides(config_name: str, overrides: list[str], multirun: bool = 
                 items = OverridesParser.create().parse_overrides(combo)
                 groups = tuple(o.input_line for o in items if (CONF_DIR / o.key_or_group).is_dir())
                 if groups not in defaults_cache:
-                    defaults_cache[groups] = compose(config_name=config_name, overrides=list(groups))
+                    defaults_cache[groups] = _group_defaults(config_name, groups, compose)
                 _check_keys(defaults_cache[groups], items)  # our line (with "did you mean"), before Hydra's `+key` advice
                 composed.append(compose(config_name=config_name, overrides=combo))
                 # values must have the type of the default they replace (no traceback deep in a job)
@@ -125,6 +125,26 @@ def validate_overrides(config_name: str, overrides: list[str], multirun: bool = 
             for cfg in composed:
                 precheck(cfg)
     return composed
+
+
+_DEFAULTS_CACHE: dict[tuple[str, tuple[str, ...], float], DictConfig] = {}
+
+
+def _conf_stamp() -> float:
+    """The newest modification time under conf/: a cached composition is stale once a YAML changes."""
+    return max((p.stat().st_mtime for p in CONF_DIR.rglob("*.yaml")), default=0.0)
+
+
+def _group_defaults(config_name: str, groups: tuple[str, ...], compose: Callable[..., DictConfig]) -> DictConfig:
+    """The config composed from the group choices alone (what a `key=value` override replaces), read
+    only: kept across calls in one process (notebooks, benchmarks and sweeps plan many runs with the
+    same groups), recomputed when a file under conf/ changes."""
+    key = (config_name, groups, _conf_stamp())
+    if key not in _DEFAULTS_CACHE:
+        if len(_DEFAULTS_CACHE) > 64:
+            _DEFAULTS_CACHE.clear()
+        _DEFAULTS_CACHE[key] = compose(config_name=config_name, overrides=list(groups))
+    return _DEFAULTS_CACHE[key]
 
 
 _UNSET = object()
