@@ -1,7 +1,7 @@
 """Scale-out on Hydra's joblib launcher: a 4-job sweep with 2 workers against 1 worker.
 
 The sweep is the real command, `arena eval -m launcher=joblib hydra.launcher.n_jobs=K seed=0,1,2,3`
-on a small but complete job (mnist5k, small_cnn trained for one epoch, PGD on 200 test digits),
+on a small but complete job (mnist5k, small_cnn trained for 3 epochs, PGD-40 on 1,000 test digits),
 each worker with one torch thread (OMP_NUM_THREADS=1). Every sweep starts from an empty work dir
 (no cache, no resume), so both sides do the same work: 4 trainings and 4 evaluations. The two
 configurations alternate for `--rounds` rounds (1, 2, 2, 1, ...); the speed-up is taken per
@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._common import load_average, machine, spread, write_results  # noqa: E402
 
-JOB = ["dataset=mnist5k", "n_samples=200", "defense.train.epochs=1", "attack=pgd", "attack.steps=10",
+JOB = ["dataset=mnist5k", "n_samples=1000", "defense.train.epochs=3", "attack=pgd", "attack.steps=40",
        "threat.eps=0.1", "progress=false", "leaderboard.update=false"]
 
 
