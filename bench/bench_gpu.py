@@ -42,15 +42,13 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._common import (REPO, format_paired, interleaved, load_average, load_shared_model, machine,  # noqa: E402
                            paired_difference, require_shared, spread, write_results)
 
 PARTS = ("tests", "pgd", "lafeat", "syncs")
-EPS_PGD, STEPS = 8 / 255, 50
-ALPHA = 2.5 * EPS_PGD / STEPS  # the harness's default step (attack.step_size 2.5 / steps of eps)
+from bench.bench_pgd import EPS as EPS_PGD, STEPS, bare_pgd  # noqa: E402  (the same bare loop and settings)
 EPS_LAFEAT = 2 / 255  # the ResNet-2B's training radius
 # bench/bench_lafeat.py's budgeted configuration (LAFEAT_BASE + LAFEAT_UT there)
 LAFEAT = {"name": "lafeat", "head": "conv", "head_epochs": 100, "head_augment": "auto", "iterations": 20, "targets": 9,
@@ -117,18 +115,6 @@ def pyautoattack_resnet18() -> tuple[torch.nn.Module, str]:
         return net.eval(), "pyautoattack examples/model_test.pt (ResNet-18, standard training)"
     except (ImportError, FileNotFoundError, OSError) as exc:
         return load_shared_model("cifar10_resnet2b"), f"../shared ResNet-2B (pyautoattack's ResNet-18 unavailable: {exc})"
-
-
-def bare_pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """bench/bench_pgd.py's plainest correct L-inf PGD, its random start drawn on the images' device."""
-    x_adv = (x + (torch.rand(x.shape, generator=gen, device=x.device) * 2 - 1) * EPS_PGD).clamp(0, 1)
-    for _ in range(STEPS):
-        x_adv.requires_grad_(True)
-        loss = F.cross_entropy(model(x_adv), y)
-        g, = torch.autograd.grad(loss, x_adv)
-        x_adv = torch.min(torch.max(x_adv.detach() + ALPHA * g.sign(), x - EPS_PGD), x + EPS_PGD).clamp(0, 1)
-    with torch.no_grad():
-        return model(x_adv).argmax(1) == y
 
 
 # ------------------------------------------------------------------------------------------ parts

@@ -53,8 +53,11 @@ PROFILE_PARTS = (
 
 
 def bare_pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """The plainest correct Linf PGD: random start, sign steps, projection; per-sample robust mask."""
-    x_adv = (x + (torch.rand(x.shape, generator=gen) * 2 - 1) * EPS).clamp(0, 1)
+    """The plainest correct Linf PGD: random start, sign steps, projection; per-sample robust mask.
+
+    The random start is drawn on the images' device (`gen` must live there); bench/bench_gpu.py
+    times the same loop on a GPU."""
+    x_adv = (x + (torch.rand(x.shape, generator=gen, device=x.device) * 2 - 1) * EPS).clamp(0, 1)
     for _ in range(STEPS):
         x_adv.requires_grad_(True)
         loss = F.cross_entropy(model(x_adv), y)
