@@ -170,7 +170,8 @@ def _check_keys(defaults: DictConfig, items: list[Any]) -> None:
         if not OmegaConf.is_dict(node):
             if ov.is_add():
                 continue
-            raise UserError(f"{key} is not a setting: {parent or key} has no sub-keys; see `--cfg job` for the settings")
+            why = f"there is no {parent}" if node is _UNSET else f"{parent} has no sub-keys"
+            raise UserError(f"{key} is not a setting: {why} in this config; `--cfg job` shows the settings")
         names = sorted(str(k) for k in node.keys() if not str(k).startswith("_") and str(k) != "hydra")
         hint = did_you_mean(leaf, names)
         where = f"{parent} {node.get('name')!r}" if parent and node.get("name") else (parent or "the config")
