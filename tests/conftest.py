@@ -109,3 +109,14 @@ def submit_bundle(tmp_path_factory, submit_cnn):
         return dst
 
     return make
+
+
+@pytest.fixture(scope="module")
+def full_isolation():
+    """The bubblewrap sandbox, or a skip naming why it is not usable here (CI installs bubblewrap)."""
+    from harness.submit.sandbox import detect_isolation
+
+    iso = detect_isolation("auto")
+    if iso.level != "full":
+        pytest.skip(f"bubblewrap is not usable here ({iso.reason}); these checks need full isolation")
+    return iso

@@ -8,7 +8,9 @@ import dataclasses
 import math
 import os
 import signal
+import socket
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -197,3 +199,36 @@ def mirror_problems(registry, raw: dict[str, Any]) -> list[str]:
         elif not same(value, plain(default)):
             problems.append(f"{name}: YAML {value!r} != default {plain(default)!r}")
     return problems
+
+
+class Listener:
+    """A TCP server on 127.0.0.1 that records whatever reaches it."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(5)
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.received: list[bytes] = []
+        self._stop = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self._stop:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            conn.settimeout(1)
+            try:
+                self.received.append(conn.recv(1 << 16) or b"<connected>")
+            except OSError:
+                self.received.append(b"<connected>")
+            conn.close()
+
+    def close(self) -> None:
+        self._stop = True
+        self.thread.join(2)
+        self.sock.close()

@@ -8,8 +8,6 @@ logits it returns, and checked from outside too (files, a TCP listener, the proc
 from __future__ import annotations
 
 import os
-import socket
-import threading
 import time
 from pathlib import Path
 
@@ -21,7 +19,7 @@ from harness.data.models import SmallCNN
 from harness.submit.remote import RemoteError, Worker, WorkerError, open_session
 from harness.submit.sandbox import SandboxLimits, detect_isolation
 
-from helpers import REPO  # noqa: E402
+from helpers import REPO, Listener  # noqa: E402
 NET = '''
 import torch
 from torch import nn
@@ -55,47 +53,6 @@ def _session(bundle: Path, **limits):
     iso = detect_isolation("auto")
     return open_session(bundle, "model.py", "weights.pt", isolation=iso, limits=SandboxLimits(**limits), device="cpu",
                         num_classes=10, input_shape=(1, 28, 28), randomized=False, digest=b"\0" * 32, role="test")
-
-
-@pytest.fixture(scope="module")
-def full_isolation():
-    iso = detect_isolation("auto")
-    if iso.level != "full":
-        pytest.skip(f"bubblewrap is not usable here ({iso.reason}); these checks need full isolation")
-    return iso
-
-
-class Listener:
-    """A TCP server on 127.0.0.1 that records whatever reaches it."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(5)
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
-        self.received: list[bytes] = []
-        self._stop = False
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while not self._stop:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                continue
-            conn.settimeout(1)
-            try:
-                self.received.append(conn.recv(1 << 16) or b"<connected>")
-            except OSError:
-                self.received.append(b"<connected>")
-            conn.close()
-
-    def close(self) -> None:
-        self._stop = True
-        self.thread.join(2)
-        self.sock.close()
 
 
 PROBES = ("write_outside", "write_bundle", "network", "environment", "subprocess", "read_host_file", "read_repository",

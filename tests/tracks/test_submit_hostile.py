@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
-import threading
 import time
 from pathlib import Path
 
@@ -26,7 +24,7 @@ from harness.submit.bundle import CardError, parse_card_text
 from harness.submit.sandbox import SandboxLimits, detect_isolation
 from harness.submit.score import Rejection, SubmitOptions, submit
 
-from helpers import BUNDLES
+from helpers import BUNDLES, Listener
 
 SMOKE = "submission_smoke"
 N = 60
@@ -229,47 +227,12 @@ def clean_reference(submit_bundle, tmp_path_factory):
     return result, _records(result), _row(work)
 
 
-@pytest.fixture(scope="module")
-def full_isolation():
-    iso = detect_isolation("auto")
-    if iso.level != "full":
-        pytest.skip(f"bubblewrap is not usable here ({iso.reason}); this check needs full isolation")
-    return iso
-
-
-class _Listener:
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(5)
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
-        self.received: list[bytes] = []
-        self.stop = False
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while not self.stop:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                continue
-            self.received.append(conn.recv(1 << 16) or b"<connected>")
-            conn.close()
-
-    def close(self) -> None:
-        self.stop = True
-        self.thread.join(2)
-        self.sock.close()
-
-
 @pytest.mark.slow
 def test_a_bundle_that_attacks_the_machine_at_import_changes_nothing_and_scores_as_clean(
         submit_bundle, tmp_path, monkeypatch, clean_reference, full_isolation):
     outside = tmp_path / "outside"
     outside.mkdir()
-    listener = _Listener()
+    listener = Listener()
     monkeypatch.setenv("ARENA_TEST_SECRET", "s3cret")
     bundle = submit_bundle("hostile_import", replace={"OUTSIDE_DIR": str(outside), "LISTENER_PORT": str(listener.port)})
     before = _tree(bundle)
